@@ -5,6 +5,8 @@ bitsandbytes is imported here only, lazily, so ``import lightning_quant`` stays 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -30,7 +32,7 @@ def _linear4bit(layer: FakeQuantLinear, storage: FourBitWeight) -> nn.Module:
 
     spec, device = layer.spec, layer.weight.device
     state2 = None
-    absmax = storage.absmax
+    absmax: torch.Tensor | None = storage.absmax
     if storage.double_quant:
         state2 = QuantState(
             absmax=storage.nested_absmax,
@@ -109,5 +111,5 @@ def bnb_dequantized_weight(module: nn.Module) -> torch.Tensor:
     """What bitsandbytes itself dequantizes a converted 4-bit layer's weight to."""
     from bitsandbytes.functional import dequantize_4bit
 
-    weight = module.weight
+    weight: Any = module.weight
     return dequantize_4bit(weight.data, weight.quant_state)

@@ -91,16 +91,12 @@ def build_dataclass(cls: type[T], data: dict[str, Any], path: str) -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean `{_join(path, close[0])}`?" if close else ""
-            raise RecipeError(
-                f"unknown key `{_join(path, str(key))}`{hint} (known keys: {', '.join(fields)})"
-            )
+            raise RecipeError(f"unknown key `{_join(path, str(key))}`{hint} (known keys: {', '.join(fields)})")
     kwargs = {key: _convert(value, hints[key], _join(path, key)) for key, value in data.items()}
     missing = [
         name
         for name, f in fields.items()
-        if name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise RecipeError(f"`{_join(path, missing[0])}` is required")

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lightning_quant.calibration import calibrate, fake_quant_layers
@@ -44,7 +45,8 @@ RecipeLike = QuantRecipe | dict[str, Any] | str | Path
 
 
 def _layer_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in (module.weight, module.bias) if p is not None)
+    tensors = [getattr(module, "weight", None), getattr(module, "bias", None)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -87,16 +89,13 @@ def prepare(model: nn.Module, recipe: RecipeLike) -> QuantReport:
     report = QuantReport("prepare")
     for plan in plans:
         if plan.spec is None:
-            report.layers.append(
-                LayerReport(plan.name, "keep", "kept", plan.reason, _layer_bytes(plan.module))
-            )
+            report.layers.append(LayerReport(plan.name, "keep", "kept", plan.reason, _layer_bytes(plan.module)))
             continue
         if not isinstance(plan.module, FakeQuantLinear):
+            assert isinstance(plan.module, nn.Linear)
             _replace(model, plan.name, FakeQuantLinear(plan.module, plan.spec, plan.name))
         action = "already_prepared" if isinstance(plan.module, FakeQuantLinear) else "fake_quant"
-        report.layers.append(
-            LayerReport(plan.name, plan.spec.format, action, plan.reason, _layer_bytes(plan.module))
-        )
+        report.layers.append(LayerReport(plan.name, plan.spec.format, action, plan.reason, _layer_bytes(plan.module)))
     if not any(plan.spec is not None for plan in plans):
         report.notes.append("no layer was prepared: no nn.Linear matched the recipe")
     return report

@@ -73,9 +73,7 @@ class WeightConfig:
         check_choice("weight.block_size", self.block_size, BLOCK_SIZES)
         check_choice("weight.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not self.threshold > 0:
-            raise RecipeError(
-                f"`weight.threshold` must be > 0 (LLM.int8 outlier threshold); got {self.threshold!r}"
-            )
+            raise RecipeError(f"`weight.threshold` must be > 0 (LLM.int8 outlier threshold); got {self.threshold!r}")
 
     @property
     def is_4bit(self) -> bool:
@@ -107,9 +105,7 @@ class ActivationConfig:
 
     def __post_init__(self) -> None:
         check_choice("activation.mode", self.mode, ("auto", "none", "per_token", "static"))
-        check_choice(
-            "activation.observer", self.observer, ("minmax", "moving_average", "percentile", "mse", "entropy")
-        )
+        check_choice("activation.observer", self.observer, ("minmax", "moving_average", "percentile", "mse", "entropy"))
 
     def resolve(self, weight_format: str) -> str:
         """The concrete mode for a layer stored as ``weight_format``."""
@@ -195,13 +191,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if self.fake_quant_start_step < 0:
-            raise RecipeError(
-                f"`schedule.fake_quant_start_step` must be >= 0; got {self.fake_quant_start_step!r}"
-            )
+            raise RecipeError(f"`schedule.fake_quant_start_step` must be >= 0; got {self.fake_quant_start_step!r}")
         if self.observer_freeze_step is not None and self.observer_freeze_step < 0:
-            raise RecipeError(
-                f"`schedule.observer_freeze_step` must be >= 0; got {self.observer_freeze_step!r}"
-            )
+            raise RecipeError(f"`schedule.observer_freeze_step` must be >= 0; got {self.observer_freeze_step!r}")
 
 
 @dataclass
@@ -324,9 +316,7 @@ class QuantRecipe:
     def from_dict(cls, data: dict[str, Any]) -> QuantRecipe:
         """Build and validate a recipe from a plain dict (unknown keys are errors)."""
         if not isinstance(data, dict):
-            raise RecipeError(
-                f"a recipe must be a mapping such as {{'weight': {{'format': 'nf4'}}}}; got {data!r}"
-            )
+            raise RecipeError(f"a recipe must be a mapping such as {{'weight': {{'format': 'nf4'}}}}; got {data!r}")
         return build_dataclass(cls, data, "")
 
     @classmethod
@@ -336,9 +326,7 @@ class QuantRecipe:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"recipe file {str(path)!r} does not exist; pass the path of a YAML recipe"
-            )
+            raise FileNotFoundError(f"recipe file {str(path)!r} does not exist; pass the path of a YAML recipe")
         data = yaml.safe_load(path.read_text()) or {}
         if isinstance(data, dict) and "quantization" in data:
             data = data["quantization"]

@@ -167,9 +167,7 @@ class FakeQuantLinear(nn.Linear):
         try:
             if spec.is_4bit:
                 return self._forward_4bit(x)
-            weight_fq, storage = fake_quantize_int8(
-                self.weight, self.weight_multiplier, spec.estimator, spec.lsq_min
-            )
+            weight_fq, storage = fake_quantize_int8(self.weight, self.weight_multiplier, spec.estimator, spec.lsq_min)
         except ValueError as err:
             raise self._named_error(err) from err
         if spec.activation == "per_token":

@@ -49,6 +49,9 @@ class MinMaxObserver(Observer):
         [-1.0, 3.0]
     """
 
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("min_val", torch.tensor(float("inf")))

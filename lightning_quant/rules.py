@@ -43,9 +43,7 @@ def layer_spec(recipe: QuantRecipe, rule: RuleConfig | None) -> LayerSpec:
     weight = recipe.weight
     fmt = rule.format if rule is not None else weight.format
     block_size = rule.block_size if rule is not None and rule.block_size is not None else weight.block_size
-    double_quant = (
-        rule.double_quant if rule is not None and rule.double_quant is not None else weight.double_quant
-    )
+    double_quant = rule.double_quant if rule is not None and rule.double_quant is not None else weight.double_quant
     estimator = recipe.estimator
     granularity = estimator.lsq_granularity if fmt in ("nf4", "fp4") else "row"
     return LayerSpec(
@@ -80,14 +78,14 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
     plans: list[LayerPlan] = []
     used_rules: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, FakeQuantLinear):
-            plans.append(LayerPlan(name, module, module.spec, "already prepared"))
-            continue
         if not isinstance(module, nn.Linear) or is_quantized_module(module):
             continue
         rule_index = next((i for i, r in enumerate(recipe.rules) if _matches(name, r.pattern)), None)
         if rule_index is not None:
             used_rules.add(rule_index)
+        if isinstance(module, FakeQuantLinear):
+            plans.append(LayerPlan(name, module, module.spec, "already prepared"))
+        elif rule_index is not None:
             rule = recipe.rules[rule_index]
             if rule.format == "keep":
                 plans.append(LayerPlan(name, module, None, f"rule `{rule.pattern}` keeps it"))
@@ -119,9 +117,7 @@ def _check_layer(name: str, module: nn.Module, spec: LayerSpec) -> None:
             f"with a rule {{pattern: '{name}', format: keep}}"
         )
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise QuantizationError(
-            f"layer `{name}` has weight dtype {weight.dtype}; expected float32/16 or bfloat16"
-        )
+        raise QuantizationError(f"layer `{name}` has weight dtype {weight.dtype}; expected float32/16 or bfloat16")
     if not spec.is_4bit:
         return
     in_features = weight.shape[1]

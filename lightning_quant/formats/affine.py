@@ -42,6 +42,4 @@ def fake_quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int
 ) -> torch.Tensor:
     """Quantize-dequantize ``x``; the gradient is straight through inside the range, zero outside."""
-    return torch.fake_quantize_per_tensor_affine(
-        x, scale.reshape(()), zero_point.reshape(()), quant_min, quant_max
-    )
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), quant_min, quant_max)

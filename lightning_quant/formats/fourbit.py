@@ -212,9 +212,7 @@ def quantize_4bit(
     result = FourBitWeight(codes, absmax, weight.shape, quant_type, blocksize)
     if double_quant:
         offset = absmax.mean()
-        result.nested_codes, result.nested_absmax = quantize_blockwise_dynamic(
-            absmax - offset, NESTED_BLOCK_SIZE
-        )
+        result.nested_codes, result.nested_absmax = quantize_blockwise_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
         result.offset = offset
     return result
 
@@ -299,7 +297,5 @@ def fake_quantize_4bit(
     """
     if estimator == "lsq" and multiplier is None:
         raise ValueError("estimator `lsq` needs a per-block `multiplier` tensor")
-    result = _FakeQuant4bit.apply(
-        weight, multiplier, quant_type, blocksize, double_quant, estimator, min_multiplier
-    )
+    result = _FakeQuant4bit.apply(weight, multiplier, quant_type, blocksize, double_quant, estimator, min_multiplier)
     return result  # type: ignore[no-any-return]

@@ -199,8 +199,6 @@ class Int8LinearSTE(torch.autograd.Function):
         x, weight_fq = ctx.saved_tensors
         grad_rows = grad.reshape(-1, grad.shape[-1])
         grad_x = (grad_rows @ weight_fq.to(grad.dtype)).view_as(x) if ctx.needs_input_grad[0] else None
-        grad_w = (
-            grad_rows.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if ctx.needs_input_grad[1] else None
-        )
+        grad_w = grad_rows.t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if ctx.needs_input_grad[1] else None
         grad_b = grad_rows.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_w, grad_b, None, None
