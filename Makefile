@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build lies on this machine's disk; a GPU user sets e.g. TORCH_SPEC="torch==2.13.0" with an index URL.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+RUN_ARGS ?=
 
-.PHONY: venv test lint format quick full clean
+.PHONY: venv test lint format quick full optimizer-state clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,16 @@ lint: venv
 format: venv
 	$(BIN)/ruff check --fix lightning_quant hf_integration tests benchmarks
 	$(BIN)/ruff format lightning_quant hf_integration tests benchmarks
+
+# The main job: the BERT accuracy-recovery recipe on the packaged MiniLM and Rotten Tomatoes data.
+quick: venv
+	$(BIN)/lightning-quant run recipes/bert_accuracy_recovery.yaml --quick $(RUN_ARGS)
+
+full: venv
+	$(BIN)/lightning-quant run recipes/bert_accuracy_recovery.yaml $(RUN_ARGS)
+
+optimizer-state: venv
+	$(BIN)/lightning-quant run recipes/quantized_optimizer_state.yaml $(RUN_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

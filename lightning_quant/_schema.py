@@ -52,6 +52,10 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise RecipeError(f"`{path}` must be a list; got {value!r}")
         (item_type,) = typing.get_args(tp)
         return [_convert(item, item_type, f"{path}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"`{path}` must be a mapping; got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value

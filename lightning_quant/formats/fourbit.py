@@ -76,8 +76,8 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 code values of ``nf4`` or ``fp4`` indexed by their 4-bit code."""
-    return _tables(quant_type)[0].to(device)
+    """The 16 code values of ``nf4`` or ``fp4`` indexed by their 4-bit code (a fresh copy)."""
+    return _tables(quant_type)[0].to(device, copy=True)
 
 
 @dataclass
