@@ -187,9 +187,7 @@ def _check_metrics(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, dict
                     raise TypeError
                 table[variant][metric] = float(value)
             except (TypeError, ValueError):
-                raise ValueError(
-                    f"`metrics[{variant!r}][{metric!r}]` must be a number; got {value!r}"
-                ) from None
+                raise ValueError(f"`metrics[{variant!r}][{metric!r}]` must be a number; got {value!r}") from None
     return table
 
 

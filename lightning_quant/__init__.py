@@ -31,11 +31,13 @@ from lightning_quant.config import (
 )
 from lightning_quant.modules import FakeQuantLinear, LayerSpec, QuantizationError
 from lightning_quant.report import LayerReport, QuantReport
+from lightning_quant.sensitivity import Allocation, SensitivityTable, allocate, model_nbytes, sensitivity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationConfig",
+    "Allocation",
     "CalibrationConfig",
     "EstimatorConfig",
     "ExportConfig",
@@ -49,12 +51,16 @@ __all__ = [
     "RecipeError",
     "RuleConfig",
     "ScheduleConfig",
+    "SensitivityTable",
     "WeightConfig",
+    "allocate",
     "calibrate",
     "convert",
     "fake_quant_layers",
+    "model_nbytes",
     "prepare",
     "quantize",
+    "sensitivity",
     "set_fake_quant",
     "set_observers",
 ]

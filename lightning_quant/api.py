@@ -27,8 +27,9 @@ from lightning_quant.calibration import calibrate, fake_quant_layers
 from lightning_quant.config import QuantRecipe
 from lightning_quant.formats.fourbit import FourBitWeight
 from lightning_quant.modules import FakeQuantLinear
-from lightning_quant.report import LayerReport, QuantReport
+from lightning_quant.report import LayerReport, QuantReport, weight_error_metrics
 from lightning_quant.rules import plan_layers
+from lightning_quant.sensitivity import storage_nbytes
 
 __all__ = [
     "prepare",
@@ -89,13 +90,18 @@ def prepare(model: nn.Module, recipe: RecipeLike) -> QuantReport:
     report = QuantReport("prepare")
     for plan in plans:
         if plan.spec is None:
-            report.layers.append(LayerReport(plan.name, "keep", "kept", plan.reason, _layer_bytes(plan.module)))
+            size = _layer_bytes(plan.module)
+            report.layers.append(LayerReport(plan.name, "keep", "kept", plan.reason, size, size))
             continue
         if not isinstance(plan.module, FakeQuantLinear):
             assert isinstance(plan.module, nn.Linear)
             _replace(model, plan.name, FakeQuantLinear(plan.module, plan.spec, plan.name))
         action = "already_prepared" if isinstance(plan.module, FakeQuantLinear) else "fake_quant"
-        report.layers.append(LayerReport(plan.name, plan.spec.format, action, plan.reason, _layer_bytes(plan.module)))
+        size = _layer_bytes(plan.module)
+        # Bytes the converted layer will store: its weight as quantized plus the bias as it is.
+        weight = plan.module.weight
+        stored = storage_nbytes(plan.spec, weight.shape, size - weight.numel() * weight.element_size())
+        report.layers.append(LayerReport(plan.name, plan.spec.format, action, plan.reason, size, stored))
     if not any(plan.spec is not None for plan in plans):
         report.notes.append("no layer was prepared: no nn.Linear matched the recipe")
     return report
@@ -120,7 +126,7 @@ def convert(model: nn.Module) -> QuantReport:
     built = [(name, layer, *build_bnb_linear(layer)) for name, layer in layers]
     report = QuantReport("convert")
     for name, layer, module, storage in built:
-        metrics: dict[str, Any] = {}
+        metrics = weight_error_metrics(layer.weight, storage.dequantize(torch.float32))
         if isinstance(storage, FourBitWeight):
             gap = (bnb_dequantized_weight(module).float() - storage.dequantize().float()).abs().max()
             metrics["conversion_max_abs_diff"] = float(gap)
@@ -161,5 +167,5 @@ def quantize(
     report = prepare(model, recipe)
     if calibration_data is not None:
         batches = num_batches if num_batches is not None else recipe.calibration.num_batches
-        report = report.merge(calibrate(model, calibration_data, batches))
+        report = report.merge(calibrate(model, calibration_data, batches, config=recipe.calibration))
     return report.merge(convert(model), stage="quantize")

@@ -155,6 +155,8 @@ class CalibrationConfig:
         momentum: for ``moving_average``.
         weight_clipping: search a weight clipping ratio per layer (real for bnb formats: clamped
             weights are what the layer stores).
+        weight_clipping_objective: what the ``mse`` weight clipping search minimises: ``output``
+            (the layer's output error on the calibration inputs) or ``weight`` (the weight error).
     """
 
     method: str = "minmax"
@@ -162,8 +164,10 @@ class CalibrationConfig:
     percentile: float = 99.99
     momentum: float = 0.9
     weight_clipping: bool = False
+    weight_clipping_objective: str = "output"
 
     def __post_init__(self) -> None:
+        check_choice("calibration.weight_clipping_objective", self.weight_clipping_objective, ("output", "weight"))
         check_choice(
             "calibration.method",
             self.method,

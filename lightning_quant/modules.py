@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from lightning_quant.formats.affine import affine_qparams, fake_quantize_affine
 from lightning_quant.formats.fourbit import FourBitWeight, fake_quantize_4bit, num_blocks, quantize_4bit
 from lightning_quant.formats.int8 import Int8LinearSTE, Int8Weight, fake_quantize_int8, quantize_int8_rowwise
-from lightning_quant.observers import Observer, build_observer
+from lightning_quant.observers import Observer, build_observer, matching_observer
 
 __all__ = ["LayerSpec", "FakeQuantLinear", "QuantizationError"]
 
@@ -95,7 +95,11 @@ class FakeQuantLinear(nn.Linear):
             self.register_buffer("weight_multiplier", None)
         self.input_observer: Observer | None = None
         if spec.activation == "static":
-            self.input_observer = build_observer(spec.act_observer).to(linear.weight.device)
+            observer = build_observer(spec.act_observer, symmetric=spec.act_symmetric)
+            self.input_observer = observer.to(linear.weight.device)
+        # nn.Module.__init__ starts in training mode; keep the wrapped layer's mode, or a model prepared
+        # in eval mode would update observers in eval and convert to bnb layers in training mode.
+        self.train(linear.training)
 
     # ---- structure --------------------------------------------------------------------------
     def num_scale_groups(self) -> int:
@@ -104,8 +108,8 @@ class FakeQuantLinear(nn.Linear):
             return num_blocks(self.weight.numel(), self.spec.block_size)
         return self.out_features
 
-    def _block_multiplier(self) -> torch.Tensor | None:
-        multiplier = self.weight_multiplier
+    def _block_multiplier(self, multiplier: torch.Tensor | None = None) -> torch.Tensor | None:
+        multiplier = self.weight_multiplier if multiplier is None else multiplier
         if multiplier is None or not self.spec.is_4bit or self.spec.lsq_granularity == "block":
             return multiplier
         # One multiplier per row expands to that row's blocks (rows hold whole blocks; prepare checks).
@@ -127,6 +131,9 @@ class FakeQuantLinear(nn.Linear):
         key = prefix + "weight_multiplier"
         if key in state_dict and self.weight_multiplier is None:
             self.weight_multiplier = torch.empty_like(state_dict[key], device=self.weight.device)
+        if self.input_observer is not None:
+            # Calibration may have swapped the observer for another kind (method `auto`); match the checkpoint.
+            self.input_observer = matching_observer(self.input_observer, state_dict, prefix + "input_observer.")
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -135,10 +142,15 @@ class FakeQuantLinear(nn.Linear):
     def _named_error(self, err: ValueError) -> QuantizationError:
         return QuantizationError(f"layer `{self.layer_name or self.__class__.__name__}`: {err}")
 
-    def quantized_weight(self) -> FourBitWeight | Int8Weight:
-        """The exact storage the converted bitsandbytes layer will hold."""
+    def quantized_weight(self, multiplier: torch.Tensor | None = None) -> FourBitWeight | Int8Weight:
+        """The exact storage the converted bitsandbytes layer will hold.
+
+        Args:
+            multiplier: a per-scale-group clipping multiplier to use instead of the layer's own
+                (calibration searches candidates with it).
+        """
         spec = self.spec
-        multiplier = self._block_multiplier()
+        multiplier = self._block_multiplier(multiplier)
         clamped = None if multiplier is None else multiplier.detach().clamp(spec.lsq_min, 1.0)
         try:
             if spec.is_4bit:

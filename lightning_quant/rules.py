@@ -63,12 +63,37 @@ def layer_spec(recipe: QuantRecipe, rule: RuleConfig | None) -> LayerSpec:
     )
 
 
+def _weight_readers(model: nn.Module) -> dict[str, str]:
+    """Linear layers whose ``weight`` torch reads directly, bypassing a replacement module.
+
+    ``nn.MultiheadAttention`` always passes ``out_proj.weight`` to its functional kernel;
+    ``nn.TransformerEncoderLayer`` does the same with ``linear1`` / ``linear2`` in its fused eval fast
+    path, unless ``torch.backends.mha.set_fastpath_enabled(False)`` turned that path off.
+    """
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    readers = {}
+    for parent_name, parent in model.named_modules():
+        children: tuple[str, ...] = ()
+        if isinstance(parent, nn.MultiheadAttention):
+            children = ("out_proj",)
+        elif isinstance(parent, nn.TransformerEncoderLayer) and fast_path:
+            children = ("linear1", "linear2")
+        for child in children:
+            readers[f"{parent_name}.{child}" if parent_name else child] = type(parent).__name__
+    return readers
+
+
 def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def plan_layers(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
+def plan_layers(model: nn.Module, recipe: QuantRecipe, check_weights: bool = True) -> list[LayerPlan]:
     """Resolve every ``nn.Linear`` of ``model`` against the recipe's rules, without touching it.
+
+    Args:
+        model: the model to plan for (its weights may be on the meta device with ``check_weights=False``).
+        recipe: the recipe.
+        check_weights: also reject non-finite weights (needs real weights).
 
     Raises:
         RecipeError: a rule that matches nothing when the recipe is ``strict``.
@@ -77,6 +102,7 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
     """
     plans: list[LayerPlan] = []
     used_rules: set[int] = set()
+    readers = _weight_readers(model)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized_module(module):
             continue
@@ -85,6 +111,11 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
             used_rules.add(rule_index)
         if isinstance(module, FakeQuantLinear):
             plans.append(LayerPlan(name, module, module.spec, "already prepared"))
+        elif name in readers:
+            reason = f"kept: torch's {readers[name]} reads this layer's weight directly, bypassing a replacement"
+            if readers[name] == "TransformerEncoderLayer":
+                reason += " (in its fast path: torch.backends.mha.set_fastpath_enabled(False) lets it be quantized)"
+            plans.append(LayerPlan(name, module, None, reason))
         elif rule_index is not None:
             rule = recipe.rules[rule_index]
             if rule.format == "keep":
@@ -104,14 +135,14 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
             )
     for plan in plans:
         if plan.spec is not None and not isinstance(plan.module, FakeQuantLinear):
-            _check_layer(plan.name, plan.module, plan.spec)
+            _check_layer(plan.name, plan.module, plan.spec, check_weights)
     return plans
 
 
-def _check_layer(name: str, module: nn.Module, spec: LayerSpec) -> None:
+def _check_layer(name: str, module: nn.Module, spec: LayerSpec, check_weights: bool = True) -> None:
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    if not torch.isfinite(weight).all():
+    if check_weights and not torch.isfinite(weight).all():
         raise QuantizationError(
             f"layer `{name}` has NaN or Inf in its weight; fix the checkpoint or keep the layer "
             f"with a rule {{pattern: '{name}', format: keep}}"

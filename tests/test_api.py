@@ -165,3 +165,22 @@ def test_quantize_is_ptq_in_one_call():
 def test_convert_unprepared_model_is_an_error():
     with pytest.raises(ValueError, match="call prepare"):
         convert(mlp())
+
+
+def test_layers_whose_weight_torch_reads_directly_are_kept():
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 2, 128, batch_first=True), nn.Linear(64, 2))
+    report = prepare(model, {"weight": {"format": "nf4"}})
+    for name in ("0.self_attn.out_proj", "0.linear1", "0.linear2"):
+        assert report.layer(name).action == "kept" and "reads this layer's weight directly" in report.layer(name).reason
+    assert report.layer("1").action == "fake_quant"
+    convert(model)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 5, 64)).shape == (2, 5, 2)  # the fused fast path still works
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        report = prepare(nn.TransformerEncoderLayer(64, 2, 128, batch_first=True), {"weight": {"format": "nf4"}})
+    finally:
+        torch.backends.mha.set_fastpath_enabled(True)
+    assert report.layer("linear1").action == "fake_quant"  # called as a module without the fast path
+    assert report.layer("self_attn.out_proj").action == "kept"  # MHA always reads it directly

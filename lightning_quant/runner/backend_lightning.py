@@ -33,6 +33,7 @@ def _module_class():
         def __init__(self, model: nn.Module, spec: Any, steps: int, teacher: nn.Module | None) -> None:
             super().__init__()
             self.model, self.spec, self.steps = model, spec, steps
+            self.model.train()  # from_pretrained returns eval mode; train with dropout as the HF Trainer does
             # Kept out of the module tree: the teacher is frozen and not part of checkpoints.
             self._teacher = [teacher] if teacher is not None else []
 

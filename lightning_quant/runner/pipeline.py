@@ -113,6 +113,7 @@ def run_recipe(recipe: RunRecipe, options: RunOptions) -> dict[str, Any]:
     (options.output_dir / "recipe.yaml").write_text(_yaml(recipe.to_dict()))
 
     model_path = resolve_path(recipe.model.path)
+    _check_variants_fit_model(recipe, model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     splits = load_splits(recipe.data, quick.train_size if quick else None, quick.eval_size if quick else None)
     _log(f"data: {splits.sizes()} (split by `{recipe.data.group_column}`), labels {splits.label_names}")
@@ -163,8 +164,50 @@ def run_recipe(recipe: RunRecipe, options: RunOptions) -> dict[str, Any]:
         results["seeds"][str(seed)] = per_seed
     from lightning_quant.runner.results import write_results
 
-    write_results(results, options.output_dir)
+    summary = write_results(results, options.output_dir)
+    if recipe.export is not None:
+        _export(recipe, options, summary, tokenizer)
     return results
+
+
+def _export(recipe: RunRecipe, options: RunOptions, summary: dict[str, Any], tokenizer: Any) -> None:
+    """Write the chosen variant (first seed's model) with a card carrying every variant's accuracy."""
+    from hf_integration.export import refresh_model_card
+
+    quantized = [v.name for v in recipe.variants if v.kind != "optimizer_state"]
+    name = recipe.export
+    assert name is not None
+    if name == "best":
+        name = max(quantized, key=lambda n: summary[n]["accuracy"]["median"])
+    source = next((options.output_dir / "stages").glob(f"{name}-seed{recipe.seeds[0]}-*/export"))
+    target = options.output_dir / "export"
+    staging = options.output_dir / ".export-tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging)
+    metrics = {n: {"accuracy": s["accuracy"]["median"]} for n, s in summary.items() if "accuracy" in s}
+    refresh_model_card(staging, metrics, exported_variant=name, datasets=[recipe.data.data_files])
+    shutil.rmtree(target, ignore_errors=True)
+    staging.replace(target)
+    _log(f"exported {name} to {target}")
+
+
+def _check_variants_fit_model(recipe: RunRecipe, model_path: str) -> None:
+    """Plan every variant on a weightless copy of the model, so layer-level errors (a block size
+    that splits rows, a rule that matches nothing in a strict recipe) stop the run before training."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lightning_quant.rules import plan_layers
+
+    config = AutoConfig.from_pretrained(model_path, num_labels=recipe.model.num_labels)
+    with torch.device("meta"):
+        skeleton = AutoModelForSequenceClassification.from_config(config)
+    for variant in recipe.variants:
+        if variant.kind == "optimizer_state":
+            continue
+        try:
+            plan_layers(skeleton, variant.recipe(recipe.quantization), check_weights=False)
+        except ValueError as err:
+            raise type(err)(f"variant `{variant.name}`: {err}") from err
 
 
 def _training_metrics(outcome: Any) -> dict[str, Any]:
@@ -264,8 +307,19 @@ def _run_variant(
         result.update(_training_metrics(outcome))
     if report is not None:
         report.to_json(stage.dir / "quantization_report.json")
-    if recipe.export in (variant.name, "best") and seed == (recipe.seeds[0]):
-        model.save_pretrained(stage.dir / "model")
+    if report is not None and recipe.export in (variant.name, "best") and seed == recipe.seeds[0]:
+        from hf_integration import save_quantized
+
+        save_quantized(
+            model,
+            stage.dir / "export",
+            tokenizer=tokenizer,
+            recipe=quant,
+            method=variant.kind,
+            report=report,
+            exported_variant=variant.name,
+            base_model=recipe.model.path,
+        )
     shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return stage.finish(result)

@@ -44,9 +44,7 @@ class FakeHub:
         self.fail: dict[str, int] = {}  # endpoint kind -> HTTP status to answer instead
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def __enter__(self) -> FakeHub:
         self._thread.start()
@@ -135,9 +133,7 @@ class FakeHub:
             files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
         self.files.setdefault(repo_id, {}).update(files)
         oid = hashlib.sha1(body).hexdigest()
-        self.commits.append(
-            {"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": files}
-        )
+        self.commits.append({"repo_id": repo_id, "revision": revision, "summary": header["summary"], "files": files})
         return {"commitUrl": f"{self.url}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": None}
 
 
@@ -242,9 +238,7 @@ def export_dir(tmp_path: Path) -> Path:
 def _snapshot(folder: Path) -> dict[str, str]:
     """Every entry under ``folder`` (files and directories, hidden ones too) with its sha256."""
     return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file()
-        else "<dir>"
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
         for p in sorted(folder.rglob("*"))
     }
 

@@ -72,18 +72,14 @@ def test_model_index_reports_the_exported_variant_with_input_values():
     (result,) = entry["results"]
     assert result["task"]["type"] == "text-classification"
     assert result["dataset"] == {"name": "nyu-mll/glue", "type": "nyu-mll/glue"}
-    assert [(m["type"], m["value"]) for m in result["metrics"]] == [
-        ("accuracy", METRICS["qat_nf4"]["accuracy"])
-    ]
+    assert [(m["type"], m["value"]) for m in result["metrics"]] == [("accuracy", METRICS["qat_nf4"]["accuracy"])]
     assert all(m["name"] for m in result["metrics"])
 
 
 def test_model_index_is_read_by_huggingface_hub():
     from huggingface_hub import ModelCard
 
-    card = ModelCard(
-        _card(metrics={"fp32": {"accuracy": 0.9, "f1": 0.88}, "qat_nf4": {"accuracy": 0.89, "f1": 0.87}})
-    )
+    card = ModelCard(_card(metrics={"fp32": {"accuracy": 0.9, "f1": 0.88}, "qat_nf4": {"accuracy": 0.89, "f1": 0.87}}))
     results = {(r.metric_type, r.metric_value) for r in card.data.eval_results}
     assert results == {("accuracy", 0.89), ("f1", 0.87)}
     assert card.data.base_model == "google-bert/bert-base-uncased"

@@ -24,10 +24,10 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         shutil.copy(source / name, path / name)
     config = BertConfig(
         vocab_size=30522,
-        hidden_size=64,
+        hidden_size=128,  # a multiple of the recipes' largest 4-bit block size
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=128,
+        intermediate_size=256,
         max_position_embeddings=64,
         num_labels=2,
     )

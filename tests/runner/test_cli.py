@@ -34,6 +34,12 @@ def test_every_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_overrides, tmp_
         assert 0.0 <= stats["accuracy"]["median"] <= 1.0, name
     assert (output_dir / "results.md").read_text().count("|") > 10
     assert (output_dir / "results.png").stat().st_size > 1000
+    export = yaml.safe_load(recipe.read_text()).get("export")
+    if export:
+        config = json.loads((output_dir / "export" / "config.json").read_text())
+        assert config["quantization_config"]["quant_method"] == "bitsandbytes"
+        card = (output_dir / "export" / "README.md").read_text()
+        assert all(name.replace("_", " ").upper() in card.upper() or name in card for name in names)
 
 
 def test_rerun_does_no_training_and_backends_agree_on_stages(tiny_overrides, tmp_path, capsys):

@@ -35,8 +35,8 @@ def test_killed_run_resumes_mid_qat(backend, tiny_overrides, tmp_path, capsys):
     args = [
         "run", "recipes/bert_int8_qat.yaml", "--quick", "--backend", backend, "--output-dir", str(output_dir),
         *tiny_overrides,
-        "--set", "quick.epochs=30",
-        "--set", "variants.qat_int8.train.epochs=30",
+        "--set", "quick.epochs=12",
+        "--set", "variants.qat_int8.train.epochs=12",
         "--set", "variants.qat_int8.train.checkpoint_every=2",
     ]  # fmt: skip
     # stderr goes to a file: a pipe nobody reads would fill up and stall the run.
@@ -54,4 +54,4 @@ def test_killed_run_resumes_mid_qat(backend, tiny_overrides, tmp_path, capsys):
     assert "FP32 stage cached, no training" in log
     assert "lightning-quant resuming from" in log
     result = json.loads(next(output_dir.glob("stages/qat_int8-*/result.json")).read_text())
-    assert result["train_steps"] == 60
+    assert result["train_steps"] == 24

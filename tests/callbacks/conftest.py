@@ -1,0 +1,11 @@
+"""Make ``_lq_models`` importable: the tests and their subprocess scripts share it, and pytest may run with
+``--import-mode=importlib``, which does not put test folders on ``sys.path``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
