@@ -143,12 +143,11 @@ class QuantizationTrainerCallback(TrainerCallback, ExportableState):
     # ---- when to act (override for another schedule) ---------------------------------------------
     def fake_quant_active(self, step: int) -> bool:
         """Whether fake quantization is on for the optimizer step that follows ``step`` completed steps."""
-        return step >= self.recipe.schedule.fake_quant_start_step
+        return self.recipe.schedule.fake_quant_active(step)
 
     def observers_active(self, step: int) -> bool:
         """Whether activation observers update during the optimizer step that follows ``step`` completed steps."""
-        freeze = self.recipe.schedule.observer_freeze_step
-        return freeze is None or step < freeze
+        return self.recipe.schedule.observers_active(step)
 
     # ---- hooks -------------------------------------------------------------------------------------
     @override

@@ -199,6 +199,14 @@ class ScheduleConfig:
         if self.observer_freeze_step is not None and self.observer_freeze_step < 0:
             raise RecipeError(f"`schedule.observer_freeze_step` must be >= 0; got {self.observer_freeze_step!r}")
 
+    def fake_quant_active(self, step: int) -> bool:
+        """Whether fake quantization is on for the optimizer step that follows ``step`` completed steps."""
+        return step >= self.fake_quant_start_step
+
+    def observers_active(self, step: int) -> bool:
+        """Whether activation observers update during the step that follows ``step`` completed steps."""
+        return self.observer_freeze_step is None or step < self.observer_freeze_step
+
 
 @dataclass
 class RuleConfig:

@@ -259,6 +259,8 @@ def _run_variant(
     stage.dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     outcome = None
+    training = dict(tokenizer=tokenizer, train_dataset=data.train, spec=train, workdir=stage.dir / "checkpoints",
+                    seed=seed, recipe=quant)  # fmt: skip
     if variant.kind == "ptq":
         model = _load_model(fp32.dir / "model", recipe.model.num_labels)
         calibration = batches(data.train, tokenizer, 32, shuffle=True, seed=seed)
@@ -266,30 +268,11 @@ def _run_variant(
     elif variant.kind == "qat":
         model = _load_model(fp32.dir / "model", recipe.model.num_labels)
         teacher = _load_model(fp32.dir / "model", recipe.model.num_labels).eval().requires_grad_(False)
-        outcome = _train(
-            options.backend,
-            model=model,
-            tokenizer=tokenizer,
-            train_dataset=data.train,
-            spec=train,
-            workdir=stage.dir / "checkpoints",
-            seed=seed,
-            recipe=quant,
-            teacher=teacher,
-        )
+        outcome = _train(options.backend, model=model, teacher=teacher, **training)
         report = convert(model)
     else:  # optimizer_state: fine-tune the pretrained model with quantized optimizer state
         model = _load_model(model_path, recipe.model.num_labels)
-        outcome = _train(
-            options.backend,
-            model=model,
-            tokenizer=tokenizer,
-            train_dataset=data.train,
-            spec=train,
-            workdir=stage.dir / "checkpoints",
-            seed=seed,
-            recipe=quant,
-        )
+        outcome = _train(options.backend, model=model, **training)
         report = None
     evaluation = evaluate_classifier(model, data.test, tokenizer, recipe.finetune.eval_batch_size)
     agreement = sum(a == b for a, b in zip(evaluation.predictions, reference["predictions"])) / len(
