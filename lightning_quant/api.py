@@ -26,7 +26,7 @@ from torch import nn
 from lightning_quant.calibration import calibrate, fake_quant_layers
 from lightning_quant.config import QuantRecipe
 from lightning_quant.formats.fourbit import FourBitWeight
-from lightning_quant.modules import FakeQuantLinear
+from lightning_quant.modules import FakeQuantLinear, replace_module
 from lightning_quant.report import LayerReport, QuantReport, weight_error_metrics
 from lightning_quant.rules import plan_layers
 from lightning_quant.sensitivity import storage_nbytes
@@ -48,12 +48,6 @@ RecipeLike = QuantRecipe | dict[str, Any] | str | Path
 def _layer_bytes(module: nn.Module) -> int:
     tensors = [getattr(module, "weight", None), getattr(module, "bias", None)]
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -95,7 +89,7 @@ def prepare(model: nn.Module, recipe: RecipeLike) -> QuantReport:
             continue
         if not isinstance(plan.module, FakeQuantLinear):
             assert isinstance(plan.module, nn.Linear)
-            _replace(model, plan.name, FakeQuantLinear(plan.module, plan.spec, plan.name))
+            replace_module(model, plan.name, FakeQuantLinear(plan.module, plan.spec, plan.name))
         action = "already_prepared" if isinstance(plan.module, FakeQuantLinear) else "fake_quant"
         size = _layer_bytes(plan.module)
         # Bytes the converted layer will store: its weight as quantized plus the bias as it is.
@@ -126,9 +120,10 @@ def convert(model: nn.Module) -> QuantReport:
     built = [(name, layer, *build_bnb_linear(layer)) for name, layer in layers]
     report = QuantReport("convert")
     for name, layer, module, storage in built:
-        metrics = weight_error_metrics(layer.weight, storage.dequantize(torch.float32))
+        dequantized = storage.dequantize(torch.float32)
+        metrics = weight_error_metrics(layer.weight, dequantized)
         if isinstance(storage, FourBitWeight):
-            gap = (bnb_dequantized_weight(module).float() - storage.dequantize().float()).abs().max()
+            gap = (bnb_dequantized_weight(module).float() - dequantized).abs().max()
             metrics["conversion_max_abs_diff"] = float(gap)
         if layer.spec.activation == "static":
             report.notes.append(
@@ -145,7 +140,7 @@ def convert(model: nn.Module) -> QuantReport:
                 metrics=metrics,
             )
         )
-        _replace(model, name, module)
+        replace_module(model, name, module)
     return report
 
 

@@ -19,9 +19,16 @@ from lightning_quant.formats.fourbit import FourBitWeight, fake_quantize_4bit, n
 from lightning_quant.formats.int8 import Int8LinearSTE, Int8Weight, fake_quantize_int8, quantize_int8_rowwise
 from lightning_quant.observers import Observer, build_observer, matching_observer
 
-__all__ = ["LayerSpec", "FakeQuantLinear", "QuantizationError"]
+__all__ = ["LayerSpec", "FakeQuantLinear", "QuantizationError", "replace_module"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` (dotted path) is, in place."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 class QuantizationError(ValueError):

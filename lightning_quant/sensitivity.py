@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from lightning_quant.calibration import forward_batch, to_device
 from lightning_quant.config import QuantRecipe, RecipeError, RuleConfig
-from lightning_quant.modules import FakeQuantLinear, LayerSpec, QuantizationError
+from lightning_quant.modules import FakeQuantLinear, LayerSpec, QuantizationError, replace_module
 from lightning_quant.rules import _check_layer, layer_spec, plan_layers
 
 __all__ = [
@@ -193,12 +193,6 @@ class SensitivityTable:
         return "\n".join(lines) + "\n"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def _bias_bytes(module: nn.Module) -> int:
     bias = getattr(module, "bias", None)
     return 0 if bias is None else bias.numel() * bias.element_size()
@@ -326,12 +320,12 @@ def _measure_layer(
             continue
         layer = FakeQuantLinear(module, spec, name)
         layer.eval()
-        _replace(model, name, layer)
+        replace_module(model, name, layer)
         try:
             value = score(model)
             nbytes = layer.quantized_weight().nbytes() + _bias_bytes(module)
         finally:
-            _replace(model, name, module)
+            replace_module(model, name, module)
         table.rows.append(SensitivityRow(name, fmt, value, nbytes))
 
 

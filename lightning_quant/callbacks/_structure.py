@@ -22,18 +22,12 @@ import torch
 from torch import nn
 
 from lightning_quant.config import QuantRecipe
-from lightning_quant.modules import FakeQuantLinear, LayerSpec
+from lightning_quant.modules import FakeQuantLinear, LayerSpec, replace_module
 from lightning_quant.rules import is_quantized_module, plan_layers
 
 __all__ = ["StructureHook", "dequantized_weight", "replace_module", "unconvert", "converted_layers"]
 
 _4BIT_KEY = "weight.quant_state.bitsandbytes__"
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _live_kind(module: nn.Module) -> str | None:
