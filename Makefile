@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: venv test lint format quick full optimizer-state clean
+.PHONY: venv test lint format quick full optimizer-state benchmarks clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,17 @@ full: venv
 
 optimizer-state: venv
 	$(BIN)/lightning-quant run recipes/quantized_optimizer_state.yaml $(RUN_ARGS)
+
+$(BIN)/.bench: $(BIN)/.installed
+	$(BIN)/pip install -q "$(TORCH_SPEC)" -e ".[dev,bench]"
+	touch $@
+
+# Against the peers (torch.ao, transformers+bitsandbytes, torchao, optimum-quanto); needs `make full` first
+# for accuracy.py's cached FP32 models. Each writes benchmarks/results/<name>.{json,md}.
+benchmarks: $(BIN)/.bench
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/optimizer_state.py
+	$(BIN)/python benchmarks/accuracy.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

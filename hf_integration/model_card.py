@@ -146,6 +146,11 @@ def render_model_card(
     if metric_table or sizes:
         parts.append(_results_section(metric_table, sizes, baseline_variant, reported))
     parts.append(_usage_section(name, task))
+    if recipe is not None and recipe.get("deploy_device") == "cuda":
+        parts.append(
+            "**CUDA only.** Some 4-bit blocks of this model cross weight rows; bitsandbytes' CUDA kernel "
+            'dequantizes them correctly, its CPU kernel does not. Load it with `device_map="cuda"`.\n'
+        )
     if recipe is not None:
         recipe_yaml = yaml.safe_dump(_plain(dict(recipe)), sort_keys=False, allow_unicode=True)
         intro = "## Recipe\n\nThe lightning-quant recipe that produced this model:\n\n"

@@ -28,7 +28,7 @@ from lightning_quant.config import QuantRecipe
 from lightning_quant.formats.fourbit import FourBitWeight
 from lightning_quant.modules import FakeQuantLinear, replace_module
 from lightning_quant.report import LayerReport, QuantReport, weight_error_metrics
-from lightning_quant.rules import plan_layers
+from lightning_quant.rules import blocks_straddle_rows, plan_layers
 from lightning_quant.sensitivity import storage_nbytes
 
 __all__ = [
@@ -123,8 +123,12 @@ def convert(model: nn.Module) -> QuantReport:
         dequantized = storage.dequantize(torch.float32)
         metrics = weight_error_metrics(layer.weight, dequantized)
         if isinstance(storage, FourBitWeight):
-            gap = (bnb_dequantized_weight(module).float() - dequantized).abs().max()
-            metrics["conversion_max_abs_diff"] = float(gap)
+            cpu_kernel_wrong = blocks_straddle_rows(layer.weight.shape, layer.spec.block_size)
+            if cpu_kernel_wrong:
+                report.notes.append(f"`{name}`: block size {layer.spec.block_size} crosses weight rows; run it on CUDA")
+            if not cpu_kernel_wrong or layer.weight.is_cuda:
+                gap = (bnb_dequantized_weight(module).float() - dequantized).abs().max()
+                metrics["conversion_max_abs_diff"] = float(gap)
         if layer.spec.activation == "static":
             report.notes.append(
                 f"`{name}`: static activation quantization was simulated only; bitsandbytes has no such kernel"

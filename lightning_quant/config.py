@@ -288,6 +288,9 @@ class QuantRecipe:
         rules: ordered fnmatch rules on module names.
         keep_heads: keep classifier / lm_head layers in full precision unless a rule matches them.
         strict: a rule pattern that matches no module is an error instead of a warning.
+        deploy_device: where the converted model will run. ``any`` (default) keeps to what every
+            bitsandbytes backend computes correctly; ``cuda`` also allows 4-bit block sizes that do
+            not divide a layer's in_features (bitsandbytes' CPU kernel dequantizes those wrongly).
         optimizer_state: 8-bit optimizer state settings (None: untouched).
         export: export settings.
         version: recipe format version.
@@ -309,6 +312,7 @@ class QuantRecipe:
     rules: list[RuleConfig] = field(default_factory=list)
     keep_heads: bool = True
     strict: bool = False
+    deploy_device: str = "any"
     optimizer_state: OptimizerStateConfig | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
     version: int = RECIPE_VERSION
@@ -319,6 +323,7 @@ class QuantRecipe:
                 f"`version` must be {RECIPE_VERSION} (this lightning-quant reads recipe format {RECIPE_VERSION}); "
                 f"got {self.version!r}"
             )
+        check_choice("deploy_device", self.deploy_device, ("any", "cuda"))
         if self.estimator.name == "lsq" and self.weight.format in EIGHT_BIT_FORMATS:
             # int8 scales are per row in bitsandbytes, so a per-block multiplier cannot be folded.
             self.estimator.lsq_granularity = "row"

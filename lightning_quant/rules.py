@@ -135,11 +135,19 @@ def plan_layers(model: nn.Module, recipe: QuantRecipe, check_weights: bool = Tru
             )
     for plan in plans:
         if plan.spec is not None and not isinstance(plan.module, FakeQuantLinear):
-            _check_layer(plan.name, plan.module, plan.spec, check_weights)
+            _check_layer(plan.name, plan.module, plan.spec, check_weights, recipe.deploy_device)
     return plans
 
 
-def _check_layer(name: str, module: nn.Module, spec: LayerSpec, check_weights: bool = True) -> None:
+def blocks_straddle_rows(shape: torch.Size | tuple[int, ...], block_size: int) -> bool:
+    """True when 4-bit blocks cross weight rows: only bitsandbytes' CUDA kernel dequantizes those right."""
+    rows, in_features = shape[0], shape[-1]
+    return bool(in_features % block_size and in_features % 2 == 0 and rows > 1)
+
+
+def _check_layer(
+    name: str, module: nn.Module, spec: LayerSpec, check_weights: bool = True, deploy_device: str = "any"
+) -> None:
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
     if check_weights and not torch.isfinite(weight).all():
@@ -153,13 +161,14 @@ def _check_layer(name: str, module: nn.Module, spec: LayerSpec, check_weights: b
         return
     in_features = weight.shape[1]
     divisors = [b for b in (32, 64, 128, 256, 512, 1024, 2048, 4096) if in_features % b == 0]
-    if in_features % spec.block_size and in_features % 2 == 0 and weight.shape[0] > 1:
+    if blocks_straddle_rows(weight.shape, spec.block_size) and deploy_device != "cuda":
         # bitsandbytes' CPU dequantize kernel indexes the absmax as row * (in_features // block)
         # + column // block, which is only right when blocks do not straddle rows.
         raise RecipeError(
             f"`weight.block_size` {spec.block_size} does not divide in_features={in_features} of layer "
             f"`{name}`; bitsandbytes' CPU kernel would dequantize it with the wrong block scales. "
-            f"Use a block size in {divisors or 'none (keep this layer)'} or a rule for this layer"
+            f"Use a block size in {divisors or 'none (keep this layer)'}, a rule for this layer, or "
+            "`deploy_device: cuda` if the model will only run on CUDA (its kernel handles this)"
         )
     if spec.estimator == "lsq" and spec.lsq_granularity == "row" and in_features % spec.block_size:
         raise RecipeError(

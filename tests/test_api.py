@@ -146,10 +146,29 @@ def test_weight_turning_nan_during_training_is_caught_with_the_layer_name():
 
 def test_block_size_that_splits_rows_is_rejected_before_any_change():
     model = nn.Sequential(nn.Linear(96, 8))
-    with pytest.raises(RecipeError, match=r"`weight.block_size` 64 does not divide in_features=96 of layer `0`"):
+    with pytest.raises(RecipeError, match=r"does not divide in_features=96 of layer `0`.*`deploy_device: cuda`"):
         prepare(model, {"weight": {"format": "nf4", "block_size": 64}})
     assert type(model[0]) is nn.Linear
     prepare(model, {"weight": {"format": "nf4", "block_size": 32}})
+
+
+def test_cuda_only_block_layout_is_allowed_when_asked_and_stores_what_bnb_stores():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(96, 8)).eval()
+    prepare(model, {"weight": {"format": "nf4", "block_size": 64}, "deploy_device": "cuda"})
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        simulated = model(x)
+        weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    report = convert(model)
+    assert any("crosses weight rows; run it on CUDA" in note for note in report.notes)
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    assert torch.equal(model[0].weight.data.flatten(), packed.flatten())
+    assert torch.equal(model[0].weight.quant_state.absmax, state.absmax)
+    # Dequantized as one flat row, blocks never cross rows: what bnb's CUDA kernel computes.
+    state.shape = torch.Size([weight.numel()])
+    flat = bnb.functional.dequantize_4bit(packed, state).view_as(weight)
+    assert torch.equal(simulated, nn.functional.linear(x, flat, bias))
 
 
 def test_quantize_is_ptq_in_one_call():

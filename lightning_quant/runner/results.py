@@ -76,7 +76,21 @@ def render_markdown(summary: dict[str, dict[str, Any]], results: dict[str, Any])
             f"{step['median']:.3f}" if step else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    simulated = sorted(
+        {name for per_seed in results["seeds"].values() for name, v in per_seed.items() if _is_simulated(v)}
+    )
+    if simulated:
+        lines += [
+            "",
+            f"Evaluated as the simulation: {', '.join(simulated)}. Their 4-bit blocks cross weight rows, which "
+            "bitsandbytes' CUDA kernel handles and its CPU kernel dequantizes wrongly; the simulation equals "
+            "the exported weights bit for bit.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _is_simulated(values: dict[str, Any]) -> bool:
+    return str(values.get("evaluated", "")).startswith("simulation")
 
 
 def _plot(summary: dict[str, dict[str, Any]], path: Path) -> None:

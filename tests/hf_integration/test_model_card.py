@@ -185,3 +185,9 @@ def test_parse_front_matter_edge_cases():
         parse_front_matter("---\nlicense: mit\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         parse_front_matter("---\n- a\n---\n")
+
+
+def test_cuda_only_layout_is_said_on_the_card():
+    assert "CUDA only" not in _card()
+    card = _card(recipe={**RECIPE, "deploy_device": "cuda"})
+    assert "**CUDA only.**" in card and 'device_map="cuda"' in card

@@ -32,6 +32,12 @@ def test_every_recipe_runs_end_to_end_on_tiny_model(recipe, tiny_overrides, tmp_
     assert set(results["summary"]) == {"fp32", *names}
     for name, stats in results["summary"].items():
         assert 0.0 <= stats["accuracy"]["median"] <= 1.0, name
+    for variant in yaml.safe_load(recipe.read_text())["variants"]:
+        expected = {"optimizer_state": "fine-tuned"}.get(variant["kind"], "converted")
+        if variant.get("quantization", {}).get("deploy_device") == "cuda":
+            expected = "simulation"
+        evaluated = results["seeds"]["0"][variant["name"]]["evaluated"]
+        assert evaluated.startswith(expected), (variant["name"], evaluated)
     assert (output_dir / "results.md").read_text().count("|") > 10
     assert (output_dir / "results.png").stat().st_size > 1000
     export = yaml.safe_load(recipe.read_text()).get("export")
