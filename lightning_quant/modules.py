@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from lightning_quant.formats.affine import affine_qparams, fake_quantize_affine
 from lightning_quant.formats.fourbit import FourBitWeight, fake_quantize_4bit, num_blocks, quantize_4bit
-from lightning_quant.formats.int8 import Int8LinearSTE, Int8Weight, fake_quantize_int8, quantize_int8_rowwise
+from lightning_quant.formats.int8 import Int8LinearSTE, Int8Weight, _fake_quantize_int8, quantize_int8_rowwise
 from lightning_quant.observers import Observer, build_observer, matching_observer
 
 __all__ = ["LayerSpec", "FakeQuantLinear", "QuantizationError", "replace_module"]
@@ -186,7 +186,7 @@ class FakeQuantLinear(nn.Linear):
         try:
             if spec.is_4bit:
                 return self._forward_4bit(x)
-            weight_fq, storage = fake_quantize_int8(self.weight, self.weight_multiplier, spec.estimator, spec.lsq_min)
+            weight_fq, storage = _fake_quantize_int8(self.weight, self.weight_multiplier, spec.estimator, spec.lsq_min)
         except ValueError as err:
             raise self._named_error(err) from err
         if spec.activation == "per_token":

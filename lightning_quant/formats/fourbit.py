@@ -57,6 +57,8 @@ NF4_CODE = (
 FP4_CODE = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 # Smallest absmax bitsandbytes divides by (keeps all-zero blocks finite).
 _TINY = 1e-38
+# Below this absmax, ``1 / absmax`` overflows float32 and a zero weight in the block becomes NaN.
+_MIN_INVERTIBLE = 1.0 / torch.finfo(torch.float32).max
 
 
 @cache
@@ -73,6 +75,61 @@ def _tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ordered = code[order]
     midpoints = (ordered[:-1] + ordered[1:]) / 2
     return code, order, midpoints
+
+
+# Cells per unit of the lookup grid over [-1, 1]: narrower than the closest midpoints (FP4's, 1/384
+# apart), so a cell holds at most one midpoint and one comparison finishes the search.
+_GRID = 1024
+
+
+@cache
+def _lookup(quant_type: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Lookup tables per grid cell: sorted entries below it, the midpoint inside it (+inf if none),
+    the code order, and the code values below and above that midpoint.
+
+    Cell ``k`` covers ``[(k - G - 1/2) / G, (k - G + 1/2) / G)`` for ``G = _GRID``. The grid is built
+    so that no midpoint lies within 1e-6 of a cell edge, far more than float32 rounding moves a
+    value's cell (1.2e-7): a value put in a neighbouring cell still gets the same count.
+    """
+    code, order, midpoints = _tables(quant_type)
+    mids = midpoints.double()
+    lower = (torch.arange(2 * _GRID + 1, dtype=torch.float64) - _GRID - 0.5) / _GRID
+    edges = torch.cat([lower, lower[-1:] + 1.0 / _GRID])
+    if (mids.unsqueeze(0) - edges.unsqueeze(1)).abs().min() < 1e-6:
+        raise AssertionError(f"a {quant_type} midpoint lies on the lookup grid; change _GRID")
+    inside = (mids.unsqueeze(0) > lower.unsqueeze(1)) & (mids.unsqueeze(0) < lower.unsqueeze(1) + 1.0 / _GRID)
+    if int(inside.sum(dim=1).max()) > 1:
+        raise AssertionError(f"two {quant_type} midpoints share a lookup cell; raise _GRID")
+    below = (mids.unsqueeze(0) < lower.unsqueeze(1)).sum(dim=1)
+    threshold = torch.full((lower.numel(),), float("inf"), dtype=torch.float32)
+    has = inside.any(dim=1)
+    threshold[has] = midpoints[inside[has].float().argmax(dim=1)]
+    ordered = code[order]
+    value_below, value_above = ordered[below.clamp(max=15)], ordered[(below + 1).clamp(max=15)]
+    return tuple(t.to(device) for t in (below, threshold, order, value_below, value_above))
+
+
+def _code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Index into the *sorted* code of each value of ``scaled`` (finite, in [-1, 1]).
+
+    Equals ``torch.bucketize(scaled, midpoints)`` (a value on a midpoint takes the lower entry), in
+    a few vectorised passes instead of a per-element binary search.
+    """
+    below, threshold = _lookup(quant_type, scaled.device)[:2]
+    cell = _cell(scaled)
+    return below.index_select(0, cell).add_(scaled > threshold.index_select(0, cell))
+
+
+def _code_values(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """``sorted_code[_code_index(scaled)]`` without the index: three table reads and one select."""
+    _, threshold, _, value_below, value_above = _lookup(quant_type, scaled.device)
+    cell = _cell(scaled)
+    above = scaled > threshold.index_select(0, cell)
+    return torch.where(above, value_above.index_select(0, cell), value_below.index_select(0, cell))
+
+
+def _cell(scaled: torch.Tensor) -> torch.Tensor:
+    return (scaled * _GRID).add_(_GRID + 0.5).long()  # >= 0.5, so truncation is floor
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -174,6 +231,38 @@ def _normalise(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torc
     return torch.cat([head.reshape(-1), tail])
 
 
+def _scale_blocks_(values: torch.Tensor, per_block: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``values * per_block`` block by block, in place (same rounding as :func:`_per_block` with mul)."""
+    n = values.numel()
+    full = n - n % blocksize
+    blocks = full // blocksize
+    values[:full].view(blocks, blocksize).mul_(per_block[:blocks].view(-1, 1))
+    if full < n:
+        values[full:].mul_(per_block[blocks])
+    return values
+
+
+def _scaled_weight(
+    weight: torch.Tensor, blocksize: int, multiplier: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block absmax (times ``multiplier``) and the weights divided by it, not yet clamped."""
+    flat = weight.detach().reshape(-1).float()
+    absmax = _block_absmax(flat, blocksize)
+    if not torch.isfinite(absmax).all():
+        raise ValueError("weight contains NaN or Inf; cannot quantize it")
+    if multiplier is not None:
+        absmax = absmax * multiplier.detach().float()
+    return absmax, _normalise(flat, absmax, blocksize)
+
+
+def _clamp_(scaled: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Clamp to [-1, 1] in place; where ``1 / absmax`` overflowed, NaN (0 * inf) goes to code +1 as in bitsandbytes."""
+    scaled.clamp_(-1, 1)
+    if bool((absmax.clamp(min=_TINY) < _MIN_INVERTIBLE).any()):
+        scaled.nan_to_num_(nan=1.0)
+    return scaled
+
+
 def quantize_4bit(
     weight: torch.Tensor,
     quant_type: str = "nf4",
@@ -200,25 +289,29 @@ def quantize_4bit(
         >>> q.dequantize().shape
         torch.Size([8, 64])
     """
-    flat = weight.detach().reshape(-1).float()
-    absmax = _block_absmax(flat, blocksize)
-    if not torch.isfinite(absmax).all():
-        raise ValueError("weight contains NaN or Inf; cannot quantize it")
-    if multiplier is not None:
-        absmax = absmax * multiplier.detach().float()
-    scaled = _normalise(flat, absmax, blocksize).clamp(-1, 1)
-    _, order, midpoints = _tables(quant_type)
-    codes = order.to(flat.device)[torch.bucketize(scaled, midpoints.to(flat.device))].to(torch.uint8)
+    absmax, scaled = _scaled_weight(weight, blocksize, multiplier)
+    order = _lookup(quant_type, scaled.device)[2]
+    codes = order.index_select(0, _code_index(_clamp_(scaled, absmax), quant_type)).to(torch.uint8)
     result = FourBitWeight(codes, absmax, weight.shape, quant_type, blocksize)
     if double_quant:
-        offset = absmax.mean()
-        result.nested_codes, result.nested_absmax = quantize_blockwise_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
-        result.offset = offset
+        result.nested_codes, result.nested_absmax, result.offset = _double_quantize(absmax)
     return result
 
 
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The absmax minus its mean, in the 8-bit dynamic code: ``(codes, nested absmax, offset)``."""
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise_dynamic(absmax - offset, NESTED_BLOCK_SIZE)
+    return codes, nested_absmax, offset
+
+
 class _FakeQuant4bit(torch.autograd.Function):
-    """Forward: the exact dequantized weight. Backward: the chosen estimator."""
+    """Forward: the exact dequantized weight. Backward: the chosen estimator.
+
+    The forward goes straight from the scaled weight to code values (no code indices, no second
+    lookup) and keeps for the backward only what the estimator reads: nothing for ``ste``, the
+    in-range mask for ``clipped_ste``, and the mask and ``code[q] - x`` for ``lsq``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -232,29 +325,34 @@ class _FakeQuant4bit(torch.autograd.Function):
         min_multiplier: float,
     ) -> torch.Tensor:
         clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
-        q = quantize_4bit(weight, quant_type, blocksize, double_quant, clamped)
-        ctx.save_for_backward(weight, q.codes, q.absmax, clamped if clamped is not None else q.absmax)
-        ctx.has_multiplier = multiplier is not None
-        ctx.estimator, ctx.blocksize, ctx.quant_type = estimator, blocksize, quant_type
-        return q.dequantize(weight.dtype)
+        absmax, scaled = _scaled_weight(weight, blocksize, clamped)
+        inside = scaled.abs() <= 1.0 if estimator != "ste" else None
+        _clamp_(scaled, absmax)
+        values = _code_values(scaled, quant_type)
+        ctx.estimator, ctx.blocksize, ctx.has_multiplier = estimator, blocksize, multiplier is not None
+        if inside is not None and clamped is not None:
+            # LSQ (Esser et al. 2019) for a code book: d(code[q] * a)/da = code[q] - x inside the
+            # range and code[+-1] outside (``scaled`` is x inside and +-1 outside after the clamp).
+            lsq_term = torch.where(inside, values - scaled, values)
+            ctx.save_for_backward(inside, lsq_term, absmax, clamped)
+        elif inside is not None:
+            ctx.save_for_backward(inside)
+        if double_quant:
+            nested_codes, nested_absmax, offset = _double_quantize(absmax)
+            absmax = dequantize_blockwise_dynamic(nested_codes, nested_absmax) + offset
+        return _scale_blocks_(values, absmax, blocksize).view(weight.shape).to(weight.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        weight, codes, absmax, clamped = ctx.saved_tensors
         if ctx.estimator == "ste":
             return grad, None, None, None, None, None, None
-        flat = weight.detach().reshape(-1).float()
-        normed = _normalise(flat, absmax, ctx.blocksize)
-        inside = normed.abs() <= 1.0
+        inside = ctx.saved_tensors[0]
         grad_flat = grad.reshape(-1).float()
         grad_weight = (grad_flat * inside).view_as(grad).to(grad.dtype)
         grad_multiplier = None
         if ctx.has_multiplier:
-            # LSQ (Esser et al. 2019) for a code book: d(code[q] * a)/da = code[q] - x inside the
-            # range and code[+-1] outside; the multiplier's gradient is that times the raw absmax.
-            rounded = code_table(ctx.quant_type, flat.device)[codes.long()]
-            per_element = grad_flat * (rounded - normed * inside)
-            per_block = _block_sum(per_element, ctx.blocksize)
+            _, lsq_term, absmax, clamped = ctx.saved_tensors
+            per_block = _block_sum(grad_flat * lsq_term, ctx.blocksize)
             raw_absmax = absmax / clamped
             # Gradient scale 1/sqrt(block elements * levels per side), as the paper prescribes.
             scale = (ctx.blocksize * 7) ** -0.5

@@ -61,47 +61,76 @@ def quantize_int8_rowwise(weight: torch.Tensor, multiplier: torch.Tensor | None 
         >>> q.CB.dtype, q.SCB.shape
         (torch.int8, torch.Size([4]))
     """
-    half = weight.detach().to(torch.float16)
-    absmax = half.abs().amax(dim=1).float()
+    codes, scb = _rowwise_codes(weight, multiplier)
+    return Int8Weight(codes.to(torch.int8), scb)
+
+
+def _rowwise_codes(weight: torch.Tensor, multiplier: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Int8Params``' codes as float32 integers (no int8 round trip in the simulated matmul) and ``SCB``."""
+    weight16 = weight.detach().to(torch.float16).float()
+    absmax = weight16.abs().amax(dim=1)
     if not torch.isfinite(absmax).all():
         raise ValueError("weight contains NaN or Inf (or values beyond float16's range); cannot quantize it")
     scb = absmax if multiplier is None else absmax * multiplier.detach().float()
-    codes = torch.round(half.float() * (127.0 / scb.unsqueeze(1)))
-    # All-zero rows give 0/0 here; bitsandbytes' cast turns those into 0, so do it explicitly.
-    codes = codes.nan_to_num(0.0).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(codes, scb)
+    inverse = 127.0 / scb.unsqueeze(1)
+    codes = weight16.mul_(inverse).round_()
+    if not bool(torch.isfinite(inverse).all()):
+        # All-zero rows give 0/0 here; bitsandbytes' cast turns those into 0, so do it explicitly.
+        codes.nan_to_num_(0.0)
+    # Clipped values (multiplier < 1) saturate; + 0.0 turns -0.0 into the +0 an int8 code reads back as.
+    return codes.clamp_(-127, 127).add_(0.0), scb
 
 
 class _FakeQuantInt8(torch.autograd.Function):
-    """Forward: ``CB * SCB / 127`` plus the storage. Backward: the chosen estimator."""
+    """Forward: ``CB * SCB / 127`` plus float codes and ``SCB``. Backward: the chosen estimator.
+
+    Keeps for the backward only what the estimator reads: nothing for ``ste``, the in-range mask
+    for ``clipped_ste``, and the mask and ``q - x`` for ``lsq``.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, weight: torch.Tensor, multiplier: torch.Tensor | None, estimator: str, min_multiplier: float
     ):
         clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
-        q = quantize_int8_rowwise(weight, clamped)
-        ctx.save_for_backward(weight, q.CB, q.SCB, clamped if clamped is not None else q.SCB)
+        codes, scb = _rowwise_codes(weight, clamped)
         ctx.has_multiplier, ctx.estimator = multiplier is not None, estimator
-        ctx.mark_non_differentiable(q.CB, q.SCB)
-        return q.dequantize(weight.dtype), q.CB, q.SCB
+        if estimator != "ste":
+            normed = weight.detach().to(torch.float16).float() / scb.unsqueeze(1)
+            inside = normed.abs() <= 1.0
+            if clamped is not None:
+                # LSQ (Esser et al. 2019): d(q * a)/da = q - x inside the range, +-1 outside, per row.
+                lsq_term = codes / 127.0 - normed * inside
+                ctx.save_for_backward(inside, lsq_term, scb, clamped)
+            else:
+                ctx.save_for_backward(inside)
+        ctx.mark_non_differentiable(codes, scb)
+        return (codes * (scb.unsqueeze(1) * (1.0 / 127.0))).to(weight.dtype), codes, scb
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_cb, _grad_scb):  # type: ignore[override]
-        weight, codes, scb, clamped = ctx.saved_tensors
         if ctx.estimator == "ste":
             return grad, None, None, None
-        normed = weight.detach().to(torch.float16).float() / scb.unsqueeze(1)
-        inside = normed.abs() <= 1.0
+        inside = ctx.saved_tensors[0]
         grad_weight = grad * inside
         grad_multiplier = None
         if ctx.has_multiplier:
-            # LSQ (Esser et al. 2019): d(q * a)/da = q - x inside the range, +-1 outside, per row.
-            rounded = codes.float() / 127.0
-            per_row = (grad.float() * (rounded - normed * inside)).sum(dim=1)
-            scale = (weight.shape[1] * 127) ** -0.5
+            _, lsq_term, scb, clamped = ctx.saved_tensors
+            per_row = (grad.float() * lsq_term).sum(dim=1)
+            scale = (grad.shape[1] * 127) ** -0.5
             grad_multiplier = (per_row * (scb / clamped) * scale).to(clamped.dtype)
         return grad_weight, grad_multiplier, None, None
+
+
+def _fake_quantize_int8(
+    weight: torch.Tensor, multiplier: torch.Tensor | None, estimator: str, min_multiplier: float
+) -> tuple[torch.Tensor, Int8Weight]:
+    """:func:`fake_quantize_int8` with the storage's codes left as float32 integers (what the
+    simulated int8 matmul multiplies by; ``int8_linear`` accepts either)."""
+    if estimator == "lsq" and multiplier is None:
+        raise ValueError("estimator `lsq` needs a per-row `multiplier` tensor")
+    values, codes, scb = _FakeQuantInt8.apply(weight, multiplier, estimator, min_multiplier)
+    return values, Int8Weight(codes, scb)
 
 
 def fake_quantize_int8(
@@ -123,10 +152,8 @@ def fake_quantize_int8(
         >>> torch.equal(w_fq.detach(), storage.dequantize())
         True
     """
-    if estimator == "lsq" and multiplier is None:
-        raise ValueError("estimator `lsq` needs a per-row `multiplier` tensor")
-    values, codes, scb = _FakeQuantInt8.apply(weight, multiplier, estimator, min_multiplier)
-    return values, Int8Weight(codes, scb)
+    values, storage = _fake_quantize_int8(weight, multiplier, estimator, min_multiplier)
+    return values, Int8Weight(storage.CB.to(torch.int8), storage.SCB)
 
 
 def quantize_per_token(
@@ -137,14 +164,26 @@ def quantize_per_token(
     Returns:
         ``(CA int8, SCA float32 per row, outlier column indices or None)``.
     """
+    codes, row_absmax, outlier_cols = _per_token_codes(x16, threshold)
+    return codes.to(torch.int8), row_absmax, outlier_cols
+
+
+def _per_token_codes(x16: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`quantize_per_token` with the codes as float32 integers (what the matmul multiplies)."""
     outlier_cols = None
+    magnitude = x16.abs()
     if threshold > 0.0:
-        outliers = x16.abs() >= threshold
+        outliers = magnitude >= threshold
         if outliers.any():
             outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
             x16 = x16.masked_fill(outliers, 0)
-    row_absmax = x16.abs().amax(dim=1).float()
-    codes = torch.round(x16 * (127.0 / row_absmax.unsqueeze(-1))).to(torch.int8)
+            magnitude = magnitude.masked_fill(outliers, 0)
+    row_absmax = magnitude.amax(dim=1).float()
+    # + 0.0 turns -0.0 into the +0 an int8 code reads back as.
+    codes = (x16 * (127.0 / row_absmax.unsqueeze(-1))).round_().add_(0.0)
+    if not bool((torch.isfinite(row_absmax) & (row_absmax > 0)).all()):
+        # Zero rows (0/0) and rows with Inf or NaN: the int8 cast bitsandbytes does turns those into 0.
+        codes = codes.nan_to_num_(0.0, posinf=0.0, neginf=0.0)
     if outlier_cols is not None and x16.shape[0] > 1:
         codes[:, outlier_cols] = 0
     return codes, row_absmax, outlier_cols
@@ -157,14 +196,15 @@ def int8_linear(
 
     The int8 product is accumulated in float32: exact for integer sums below 2**24, which holds
     for realistic layers (bitsandbytes itself uses ``torch._int_mm`` or a float32 matmul).
+    ``weight.CB`` may be int8 or float32 integers (the fake quantizer keeps them as float32).
     """
     shape = x.shape
     if x.numel() == 0:
         return x.new_empty((*shape[:-1], weight.CB.shape[0]))
     rows = x.reshape(-1, shape[-1])
-    codes, row_scale, outlier_cols = quantize_per_token(rows.to(torch.float16), threshold)
-    product = codes.float() @ weight.CB.float().t()
-    out = product * (row_scale.unsqueeze(-1) * weight.SCB.unsqueeze(0)) * _INV_127_SQUARED
+    codes, row_scale, outlier_cols = _per_token_codes(rows.to(torch.float16), threshold)
+    out = (codes @ weight.CB.float().t()).mul_(row_scale.unsqueeze(-1) * weight.SCB.unsqueeze(0))
+    out = out.mul_(_INV_127_SQUARED)
     if bias is not None:
         out += bias
     out = out.to(x.dtype)
