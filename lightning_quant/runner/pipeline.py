@@ -234,6 +234,19 @@ def _yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
+# Recipe fields added after stages were first cached, with the value that means "as before": left
+# out of the stage key at that value, so adding a field does not throw finished stages away.
+_NEWER_FIELDS_AT_DEFAULT = {"deploy_device": "any"}
+
+
+def _stage_key_recipe(quant: Any) -> dict[str, Any]:
+    data = quant.to_dict()
+    for name, default in _NEWER_FIELDS_AT_DEFAULT.items():
+        if data.get(name) == default:
+            del data[name]
+    return data
+
+
 def _evaluated_as(kind: str, simulated: bool) -> str:
     if kind == "optimizer_state":
         return "fine-tuned model"
@@ -256,7 +269,7 @@ def _run_variant(
 
     quant = variant.recipe(recipe.quantization)
     train = variant.train if not quick or variant.train is None else _shrink(variant.train, quick.epochs)
-    key = content_hash(fp32.dir.name, variant.kind, quant.to_dict(), train)
+    key = content_hash(fp32.dir.name, variant.kind, _stage_key_recipe(quant), train)
     stage = _Stage(options.output_dir, f"{variant.name}-seed{seed}", key)
     if stage.done:
         _log(f"seed {seed}: {variant.name} cached, no training")

@@ -67,3 +67,13 @@ def test_group_split_keeps_every_group_on_one_side(tiny_csv):
     assert not sides["train"] & sides["test"]
     assert not sides["train"] & sides["validation"]
     assert not sides["validation"] & sides["test"]
+
+
+def test_stage_key_leaves_out_newer_fields_at_their_default():
+    from lightning_quant.config import QuantRecipe
+    from lightning_quant.runner.pipeline import _stage_key_recipe
+
+    default = _stage_key_recipe(QuantRecipe.from_dict({"weight": {"format": "nf4"}}))
+    assert "deploy_device" not in default  # stages cached before the field existed stay valid
+    cuda = _stage_key_recipe(QuantRecipe.from_dict({"weight": {"format": "nf4"}, "deploy_device": "cuda"}))
+    assert cuda["deploy_device"] == "cuda" and content_hash(default) != content_hash(cuda)
