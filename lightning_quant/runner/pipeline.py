@@ -166,11 +166,13 @@ def run_recipe(recipe: RunRecipe, options: RunOptions) -> dict[str, Any]:
 
     summary = write_results(results, options.output_dir)
     if recipe.export is not None:
-        _export(recipe, options, summary, tokenizer)
+        _export(recipe, options, summary, results, tokenizer)
     return results
 
 
-def _export(recipe: RunRecipe, options: RunOptions, summary: dict[str, Any], tokenizer: Any) -> None:
+def _export(
+    recipe: RunRecipe, options: RunOptions, summary: dict[str, Any], results: dict[str, Any], tokenizer: Any
+) -> None:
     """Write the chosen variant (first seed's model) with a card carrying every variant's accuracy."""
     from hf_integration.export import refresh_model_card
 
@@ -179,7 +181,8 @@ def _export(recipe: RunRecipe, options: RunOptions, summary: dict[str, Any], tok
     assert name is not None
     if name == "best":
         name = max(quantized, key=lambda n: summary[n]["accuracy"]["median"])
-    source = next((options.output_dir / "stages").glob(f"{name}-seed{recipe.seeds[0]}-*/export"))
+    # This run's own stage (by key), not any older stage of the same name left in the folder.
+    source = options.output_dir / "stages" / results["seeds"][str(recipe.seeds[0])][name]["stage"] / "export"
     target = options.output_dir / "export"
     staging = options.output_dir / ".export-tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -273,7 +276,7 @@ def _run_variant(
     stage = _Stage(options.output_dir, f"{variant.name}-seed{seed}", key)
     if stage.done:
         _log(f"seed {seed}: {variant.name} cached, no training")
-        return stage.result()
+        return stage.result() | {"stage": stage.dir.name}
     _log(f"seed {seed}: {variant.name} ({variant.kind}, {options.backend})")
     stage.dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -334,4 +337,4 @@ def _run_variant(
         )
     shutil.rmtree(stage.dir / "checkpoints", ignore_errors=True)
     result["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return stage.finish(result)
+    return stage.finish(result) | {"stage": stage.dir.name}
