@@ -169,18 +169,22 @@ def quantize_per_token(
 
 
 def _per_token_codes(x16: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`quantize_per_token` with the codes as float32 integers (what the matmul multiplies)."""
+    """:func:`quantize_per_token` with the codes as float32 integers (what the matmul multiplies).
+
+    Works in float32 on the float16 values (exact: every float16 is a float32), because float16
+    elementwise ops are not vectorized on CPUs; max(amax, -amin) skips an ``abs`` copy.
+    """
     outlier_cols = None
-    magnitude = x16.abs()
+    values = x16.to(torch.float32, copy=True)  # never alias a float32 input: codes are built in place
     if threshold > 0.0:
-        outliers = magnitude >= threshold
+        # bitsandbytes compares the float16 magnitudes to the threshold in float16.
+        outliers = values.abs() >= float(torch.tensor(threshold, dtype=torch.float16))
         if outliers.any():
             outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
-            x16 = x16.masked_fill(outliers, 0)
-            magnitude = magnitude.masked_fill(outliers, 0)
-    row_absmax = magnitude.amax(dim=1).float()
+            values = values.masked_fill(outliers, 0)
+    row_absmax = values.amax(dim=1).maximum(values.amin(dim=1).neg())
     # + 0.0 turns -0.0 into the +0 an int8 code reads back as.
-    codes = (x16 * (127.0 / row_absmax.unsqueeze(-1))).round_().add_(0.0)
+    codes = values.mul_(127.0 / row_absmax.unsqueeze(-1)).round_().add_(0.0)
     if not bool((torch.isfinite(row_absmax) & (row_absmax > 0)).all()):
         # Zero rows (0/0) and rows with Inf or NaN: the int8 cast bitsandbytes does turns those into 0.
         codes = codes.nan_to_num_(0.0, posinf=0.0, neginf=0.0)

@@ -75,3 +75,12 @@ def test_per_token_float_codes_are_the_int8_codes(threshold):
         reference[:, (x.half().abs() >= threshold).any(dim=0)] = 0
     assert torch.equal(bits(codes), bits(reference.float()))
     assert torch.equal(scale, row_absmax)
+
+
+def test_per_token_codes_leave_their_input_alone():
+    # The codes are built in place on a float32 copy; a float32 input must not be that copy.
+    x = torch.randn(4, 16)
+    before = x.clone()
+    _per_token_codes(x, 0.0)
+    _per_token_codes(x, 1.0)
+    assert torch.equal(x, before)
