@@ -106,7 +106,9 @@ def _lookup(quant_type: str, device: torch.device) -> tuple[torch.Tensor, ...]:
     threshold[has] = midpoints[inside[has].float().argmax(dim=1)]
     ordered = code[order]
     value_below, value_above = ordered[below.clamp(max=15)], ordered[(below + 1).clamp(max=15)]
-    return tuple(t.to(device) for t in (below, threshold, order, value_below, value_above))
+    # Entry 2k: cell k's value below its midpoint; 2k + 1: above it (one gather per weight).
+    pairs = torch.stack([value_below, value_above], dim=1).reshape(-1)
+    return tuple(t.to(device) for t in (below, threshold, order, pairs))
 
 
 def _code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
@@ -120,16 +122,39 @@ def _code_index(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
     return below.index_select(0, cell).add_(scaled > threshold.index_select(0, cell))
 
 
-def _code_values(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """``sorted_code[_code_index(scaled)]`` without the index: three table reads and one select."""
-    _, threshold, _, value_below, value_above = _lookup(quant_type, scaled.device)
-    cell = _cell(scaled)
+def _code_values(scaled: torch.Tensor, quant_type: str, cell: torch.Tensor | None = None) -> torch.Tensor:
+    """``sorted_code[_code_index(scaled)]`` without the index: two table reads.
+
+    ``cell`` may be given when it was computed along the way (see :func:`_cell_of_weights`).
+    """
+    _, threshold, _, pairs = _lookup(quant_type, scaled.device)
+    cell = _cell(scaled) if cell is None else cell
     above = scaled > threshold.index_select(0, cell)
-    return torch.where(above, value_above.index_select(0, cell), value_below.index_select(0, cell))
+    return pairs.index_select(0, torch.add(above, cell, alpha=2))
+
+
+# Block absmax from which ``_GRID / absmax`` is finite; smaller ones take the general path.
+_MIN_FAST_ABSMAX = 1e-30
+
+
+def _cell_of_weights(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor | None:
+    """Grid cells of ``flat / absmax`` in one fused pass, or None where the general path is needed.
+
+    ``w * (G / absmax) + G + 1/2`` differs from :func:`_cell`'s ``(w * (1 / absmax)) * G + G + 1/2``
+    by a few float32 ulps (< 5e-7 in units of the scaled weight), well inside the 1e-6 the grid
+    keeps between cell edges and midpoints, so it gives the same codes. Needs whole blocks, no
+    clipping (``|w / absmax| <= 1`` up to rounding keeps the cell in range) and invertible absmax.
+    """
+    if flat.numel() % blocksize or not bool((absmax >= _MIN_FAST_ABSMAX).all()):
+        return None
+    factor = (_GRID / absmax).view(-1, 1)
+    offset = torch.full((), _GRID + 0.5, device=flat.device)
+    return torch.addcmul(offset, flat.view(-1, blocksize), factor).view(-1).to(torch.int32)
 
 
 def _cell(scaled: torch.Tensor) -> torch.Tensor:
-    return (scaled * _GRID).add_(_GRID + 0.5).long()  # >= 0.5, so truncation is floor
+    # >= 0.5, so truncation is floor; int32 indices halve the memory traffic of int64 ones.
+    return (scaled * _GRID).add_(_GRID + 0.5).to(torch.int32)
 
 
 def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -207,7 +232,9 @@ def _per_block(values: torch.Tensor, per_block: torch.Tensor, blocksize: int, op
 def _block_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     n = flat.numel()
     full = n - n % blocksize
-    absmax = flat[:full].view(-1, blocksize).abs().amax(dim=1)
+    blocks = flat[:full].view(-1, blocksize)
+    # max(amax, -amin): no |w| copy; abs_ turns an all-(-0.0) block's -0.0 into the +0 bitsandbytes stores.
+    absmax = blocks.amax(dim=1).maximum(blocks.amin(dim=1).neg()).abs_()
     if full < n:
         # bitsandbytes stores the partial block's absmax after clamping it away from zero.
         absmax = torch.cat([absmax, flat[full:].abs().amax().clamp(min=_TINY).unsqueeze(0)])
@@ -327,8 +354,14 @@ class _FakeQuant4bit(torch.autograd.Function):
         clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
         absmax, scaled = _scaled_weight(weight, blocksize, clamped)
         inside = scaled.abs() <= 1.0 if estimator != "ste" else None
-        _clamp_(scaled, absmax)
-        values = _code_values(scaled, quant_type)
+        cell = None
+        if clamped is None:
+            # Unclipped weights need no clamp (|w / absmax| <= 1 but for rounding) when the fused
+            # cell computation applies; otherwise the general path below clamps.
+            cell = _cell_of_weights(weight.detach().reshape(-1).float(), absmax, blocksize)
+        if cell is None:
+            _clamp_(scaled, absmax)
+        values = _code_values(scaled, quant_type, cell)
         ctx.estimator, ctx.blocksize, ctx.has_multiplier = estimator, blocksize, multiplier is not None
         if inside is not None and clamped is not None:
             # LSQ (Esser et al. 2019) for a code book: d(code[q] * a)/da = code[q] - x inside the

@@ -11,6 +11,8 @@ Scale". What bitsandbytes does on its CPU backend (reproduced op for op):
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +170,28 @@ def quantize_per_token(
     return codes.to(torch.int8), row_absmax, outlier_cols
 
 
+def _float16_threshold(threshold: float) -> float:
+    """bitsandbytes compares the float16 magnitudes to the threshold in float16."""
+    return float(torch.tensor(threshold, dtype=torch.float16))
+
+
+def _outlier_columns(values: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Columns holding a value with ``|x| >= threshold`` (float32 copy of float16 values), or None.
+
+    Two column reductions instead of a full-size mask: LLM.int8 outliers are rare, so the mask is
+    only built on the few columns that have one.
+    """
+    column_max = values.amax(dim=0).maximum(values.amin(dim=0).neg())
+    if not bool(torch.isfinite(column_max).all()):
+        # NaN hides a column's other values from amax; ask every element instead.
+        flagged = (values.abs() >= _float16_threshold(threshold)).any(dim=0)
+    else:
+        flagged = column_max >= _float16_threshold(threshold)
+    if not bool(flagged.any()):
+        return None
+    return torch.argwhere(flagged).view(-1)
+
+
 def _per_token_codes(x16: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`quantize_per_token` with the codes as float32 integers (what the matmul multiplies).
 
@@ -177,12 +201,12 @@ def _per_token_codes(x16: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
     outlier_cols = None
     values = x16.to(torch.float32, copy=True)  # never alias a float32 input: codes are built in place
     if threshold > 0.0:
-        # bitsandbytes compares the float16 magnitudes to the threshold in float16.
-        outliers = values.abs() >= float(torch.tensor(threshold, dtype=torch.float16))
-        if outliers.any():
-            outlier_cols = torch.argwhere(outliers.any(dim=0)).view(-1)
-            values = values.masked_fill(outliers, 0)
-    row_absmax = values.amax(dim=1).maximum(values.amin(dim=1).neg())
+        outlier_cols = _outlier_columns(values, threshold)
+        if outlier_cols is not None:
+            # Outlier elements (|x| >= threshold) leave the row absmax; they all sit in these columns.
+            columns = values[:, outlier_cols]
+            values[:, outlier_cols] = columns.masked_fill_(columns.abs() >= _float16_threshold(threshold), 0)
+    row_absmax = values.amax(dim=1).maximum(values.amin(dim=1).neg()).abs_()  # abs_: -0.0 -> +0
     # + 0.0 turns -0.0 into the +0 an int8 code reads back as.
     codes = values.mul_(127.0 / row_absmax.unsqueeze(-1)).round_().add_(0.0)
     if not bool((torch.isfinite(row_absmax) & (row_absmax > 0)).all()):
@@ -191,6 +215,40 @@ def _per_token_codes(x16: torch.Tensor, threshold: float) -> tuple[torch.Tensor,
     if outlier_cols is not None and x16.shape[0] > 1:
         codes[:, outlier_cols] = 0
     return codes, row_absmax, outlier_cols
+
+
+class _LastInputCodes(threading.local):
+    """Per-token codes of the last input, reused while the same tensor comes in unchanged.
+
+    Attention's query, key and value projections quantize the very same hidden states; keeping
+    one entry (a weak reference to the input and its version counter) quantizes them once.
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[weakref.ref[torch.Tensor], int, float] | None = None
+        self.value: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+
+    def codes(
+        self, x: torch.Tensor, rows: torch.Tensor, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if x.is_inference():
+            # Inference tensors keep no version counter, so a reuse could not be proven safe.
+            return _per_token_codes(rows.to(torch.float16), threshold)
+        if self.key is not None and self.value is not None:
+            ref, version, cached_threshold = self.key
+            if ref() is x and version == x._version and cached_threshold == threshold:
+                return self.value
+        value = _per_token_codes(rows.to(torch.float16), threshold)
+        self.key, self.value = (weakref.ref(x, self._forget), x._version, threshold), value
+        return value
+
+    def _forget(self, ref: weakref.ref[torch.Tensor]) -> None:
+        # The input is gone: drop its codes too (an activation-sized tensor).
+        if self.key is not None and self.key[0] is ref:
+            self.key = self.value = None
+
+
+_LAST_INPUT = _LastInputCodes()
 
 
 def int8_linear(
@@ -206,7 +264,7 @@ def int8_linear(
     if x.numel() == 0:
         return x.new_empty((*shape[:-1], weight.CB.shape[0]))
     rows = x.reshape(-1, shape[-1])
-    codes, row_scale, outlier_cols = _per_token_codes(rows.to(torch.float16), threshold)
+    codes, row_scale, outlier_cols = _LAST_INPUT.codes(x, rows, threshold)
     out = (codes @ weight.CB.float().t()).mul_(row_scale.unsqueeze(-1) * weight.SCB.unsqueeze(0))
     out = out.mul_(_INV_127_SQUARED)
     if bias is not None:

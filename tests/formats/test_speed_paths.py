@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_quant.formats.fourbit import _code_index, _code_values, _tables
-from lightning_quant.formats.int8 import _fake_quantize_int8, _per_token_codes, quantize_int8_rowwise
+from lightning_quant.formats.int8 import _fake_quantize_int8, _per_token_codes, int8_linear, quantize_int8_rowwise
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -84,3 +84,62 @@ def test_per_token_codes_leave_their_input_alone():
     _per_token_codes(x, 0.0)
     _per_token_codes(x, 1.0)
     assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.5])
+def test_projections_of_one_input_share_its_codes(threshold, monkeypatch):
+    from lightning_quant.formats import int8
+
+    calls = []
+    original = int8._per_token_codes
+    monkeypatch.setattr(int8, "_per_token_codes", lambda *args: calls.append(1) or original(*args))
+    # q, k and v read the same tensor: the second and third reuse the codes, with the same result.
+    x = torch.randn(3, 5, 32) * 2
+    weights = [quantize_int8_rowwise(torch.randn(16, 32)) for _ in range(3)]
+    shared = [int8_linear(x, w, threshold=threshold) for w in weights]
+    assert len(calls) == 1
+    fresh = [int8_linear(x.clone(), w, threshold=threshold) for w in weights]
+    for a, b in zip(shared, fresh):
+        assert torch.equal(a, b)
+    # An in-place change of the input (new version) is quantized again, not read from the cache.
+    x.mul_(3)
+    again = int8_linear(x, weights[0], threshold=threshold)
+    assert torch.equal(again, int8_linear(x.clone(), weights[0], threshold=threshold))
+    with torch.inference_mode():
+        y = torch.randn(4, 32)
+        assert torch.equal(int8_linear(y, weights[1]), int8_linear(y.clone(), weights[1]))
+
+
+def test_cached_codes_are_dropped_with_their_input():
+    from lightning_quant.formats import int8
+
+    x = torch.randn(4, 32)
+    int8_linear(x, quantize_int8_rowwise(torch.randn(8, 32)))
+    assert int8._LAST_INPUT.value is not None
+    del x
+    assert int8._LAST_INPUT.value is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), quant_type=st.sampled_from(["nf4", "fp4"]))
+def test_fused_cells_give_the_plain_codes(seed, quant_type):
+    # Unclipped weights take the fused cell path (w * (G / absmax)); the plain definition divides
+    # first and bucketizes. Blocks are built from the hard values (midpoints and their neighbours)
+    # times a random absmax, so many scaled weights land within an ulp of a decision boundary.
+    from lightning_quant.formats.fourbit import fake_quantize_4bit
+
+    g = torch.Generator().manual_seed(seed)
+    hard = _hard_values(quant_type)
+    blocks = 64
+    picks = torch.randint(0, hard.numel(), (blocks, 64), generator=g)
+    exponent = torch.randint(-6, 3, (blocks, 1), generator=g).float()
+    absmax = (torch.rand(blocks, 1, generator=g) + 0.01) * 10.0**exponent
+    w = hard[picks] * absmax
+    w[:, 0] = absmax.squeeze(1)  # each block's absmax is present
+    w = w.reshape(32, 128)
+    code, order, midpoints = _tables(quant_type)
+    flat = w.reshape(-1, 64)
+    block_max = flat.abs().amax(dim=1, keepdim=True)
+    scaled = (flat * (1.0 / block_max)).clamp(-1, 1)
+    expected = (code[order][torch.bucketize(scaled, midpoints)] * block_max).reshape_as(w)
+    assert torch.equal(bits(fake_quantize_4bit(w, quant_type, 64)), bits(expected))
