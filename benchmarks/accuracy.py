@@ -79,7 +79,8 @@ class Variant:
     family: str  # ours / peer
     bits: int  # weight bits, to compare like with like
     build: Callable[[Context], nn.Module]
-    why: str = ""  # what a win in some column is owed to (peers)
+    why: str = ""  # what a win in accuracy or bytes is owed to (peers)
+    why_speed: str = ""  # what a win in eval time is owed to (peers)
 
 
 # ---- bytes --------------------------------------------------------------------------------------
@@ -298,33 +299,44 @@ def variants(int8_methods: list[str]) -> list[Variant]:
         rows += [Variant(f"ours PTQ {fmt} {m}", "ours", 4, _ours_ptq(fmt, m)) for m in METHODS]
     rows += [Variant(f"ours PTQ {fmt} minmax", "ours", 8, _ours_ptq(fmt, "minmax")) for fmt in ("llm_int8", "int8")]
     rows.append(Variant("ours mixed @ nf4 bytes", "ours", 4, _ours_mixed))
-    fp32_kernels = "same storage class as ours; see notes"
+    same_kernel = (
+        "the same bitsandbytes kernel as ours runs this row; a gap in eval time between them is "
+        "the machine's load, not the method"
+    )
+    float_matmul = (
+        "its int weights are dequantized into one float32 matmul with no activation rounding, where "
+        "bitsandbytes' CPU path quantizes every activation row and multiplies in int8 (LLM.int8), or "
+        "decodes 4-bit codes block by block"
+    )
     rows += [
         Variant("torch.ao quantize_dynamic int8", "peer", 8, _torch_ao_dynamic,
-                "fbgemm's int8 GEMM (a real integer matmul on x86) where bitsandbytes' CPU int8 path is slower"),
+                "fbgemm's int8 GEMM (a real integer matmul on x86) where bitsandbytes' CPU int8 path is slower",
+                "fbgemm's int8 GEMM is a real integer matmul tuned for x86; bitsandbytes' CPU int8 path is not"),
         Variant("transformers bnb 4bit nf4", "peer", 4, _bnb_hf(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
-                "the same bitsandbytes Linear4bit as ours; classifier and pooler quantized too"),
+                "the same bitsandbytes Linear4bit as ours; classifier and pooler quantized too", same_kernel),
         Variant("transformers bnb 4bit nf4 + double quant", "peer", 4,
                 _bnb_hf(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
-                "double quantization stores a uint8 absmax per block instead of a float32"),
+                "double quantization stores a uint8 absmax per block instead of a float32 (ours can too: "
+                "`double_quant: true`)", same_kernel),
         Variant("transformers bnb 4bit fp4", "peer", 4, _bnb_hf(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
-                "the same bitsandbytes Linear4bit as ours"),
+                "the same bitsandbytes Linear4bit as ours", same_kernel),
         Variant("transformers bnb 8bit (LLM.int8)", "peer", 8, _bnb_hf(load_in_8bit=True),
-                "the same bitsandbytes Linear8bitLt as ours"),
+                "the same bitsandbytes Linear8bitLt as ours", same_kernel),
         Variant("torchao int8 weight-only", "peer", 8, _torchao_ptq("int8_weight_only"),
-                "weights dequantized in the matmul; no int8 activation rounding"),
+                "weights dequantized in the matmul; no int8 activation rounding", float_matmul),
         Variant("torchao int8 dynamic act + int8 weight", "peer", 8, _torchao_ptq("int8_dynamic"),
                 "per-row int8 weights and per-token int8 activations"),
         Variant("torchao int4 weight-only (Int4WeightOnlyConfig)", "peer", 4, _torchao_ptq("int4_weight_only")),
         Variant("torchao intx int4 weight-only g64", "peer", 4, _torchao_ptq("intx_int4_weight_only"),
-                "int4 with a scale per 64 weights, dequantized into one float32 matmul "
-                "(fast on CPU); it stores the int4 values unpacked, a byte each, so it is as big as int8"),
+                "int4 with a scale per 64 weights; it stores the int4 values unpacked, a byte each, so it is as "
+                "big as int8", float_matmul),
         Variant("quanto qint8 weights + qint8 act (Calibration)", "peer", 8, _quanto("qint8", "qint8")),
-        Variant("quanto qint8 weight-only", "peer", 8, _quanto("qint8", None), fp32_kernels),
-        Variant("quanto qint4 weight-only", "peer", 4, _quanto("qint4", None), fp32_kernels),
+        Variant("quanto qint8 weight-only", "peer", 8, _quanto("qint8", None), "see notes", float_matmul),
+        Variant("quanto qint4 weight-only", "peer", 4, _quanto("qint4", None), "see notes", float_matmul),
         Variant("torchao QAT int4 (Int4WeightOnlyConfig)", "peer", 4, _torchao_qat("int4_weight_only")),
         Variant("torchao QAT intx int4 weight-only g64", "peer", 4, _torchao_qat("intx_int4_weight_only"),
-                "trained with the same steps, LR, schedule, data and distillation as our qat_nf4"),
+                "trained with the same steps, LR, schedule, data and distillation as our qat_nf4; its Linear "
+                "layers store a byte per int4 value, twice our 4-bit bytes", float_matmul),
     ]  # fmt: skip
     for fmt in ("llm_int8", "int8"):
         rows += [Variant(f"ours PTQ {fmt} {m}", "ours", 8, _ours_ptq(fmt, m)) for m in int8_methods if m != "minmax"]
@@ -525,8 +537,11 @@ def summarise(per_seed: dict[str, dict[str, Any]]) -> tuple[list[dict[str, Any]]
             row[key] = [r[key] for r in ok.values() if r.get(key) is not None]
         row["delta"] = [r["accuracy"] - per_seed[s]["rows"]["fp32"]["accuracy"] for s, r in ok.items()]
         row["bits"] = next((r.get("bits") for r in runs.values() if r.get("bits")), 4 if "nf4" in name else 8)
-        current = {v.name: v.why for v in variants(list(METHODS))}  # the code's words over a cache's
-        row["why"] = current.get(name) or next((r.get("why") for r in runs.values() if r.get("why")), "")
+        current = {v.name: v for v in variants(list(METHODS))}  # the code's words over a cache's
+        row["why"] = (current[name].why if name in current else "") or next(
+            (r.get("why") for r in runs.values() if r.get("why")), ""
+        )
+        row["why_speed"] = current[name].why_speed if name in current else ""
         row["same_weights_as"] = sorted({r["same_weights_as"] for r in ok.values() if r.get("same_weights_as")})
         summary.append(row)
     return summary, _wins(summary)
@@ -537,6 +552,12 @@ def _family(name: str, per_seed: dict[str, dict[str, Any]]) -> str:
         if name in cache["rows"]:
             return cache["rows"][name].get("family", "ours")
     return "ours"
+
+
+def _reason(row: dict[str, Any], key: str) -> str:
+    if key == "seconds_per_1k":
+        return str(row.get("why_speed") or "see notes")
+    return str(row.get("why") or "see notes")
 
 
 def _wins(summary: list[dict[str, Any]]) -> list[str]:
@@ -565,7 +586,7 @@ def _wins(summary: list[dict[str, Any]]) -> list[str]:
                     a - b) < 0.005 else ""  # fmt: skip
                 lines.append(
                     f"{bits}-bit, {label}: **{theirs['name']}** {a * scale:.2f}{unit} beats our best "
-                    f"({mine['name']}) {b * scale:.2f}{unit}{noise}. Why: {theirs['why'] or 'see notes'}."
+                    f"({mine['name']}) {b * scale:.2f}{unit}{noise}. Why: {_reason(theirs, key)}."
                 )
     return lines
 
