@@ -16,9 +16,18 @@ from pathlib import Path
 RESULTS = Path("benchmarks/results")
 README = Path("README.md")
 SECTIONS = (
-    ("Accuracy against the peers", "accuracy.md", ".venv/bin/python benchmarks/accuracy.py"),
-    ("QAT training-step overhead", "overhead.md", ".venv/bin/python benchmarks/overhead.py"),
-    ("8-bit optimizer state", "optimizer_state.md", ".venv/bin/python benchmarks/optimizer_state.py"),
+    (
+        "Accuracy against the peers",
+        "accuracy.md",
+        ".venv/bin/python benchmarks/accuracy.py --seeds 0 1 2 --int8-methods minmax  # after `make full`",
+    ),
+    ("QAT training-step overhead", "overhead.md", ".venv/bin/python benchmarks/overhead.py --rounds 10"),
+    (
+        "QAT training-step overhead before the last speed-up",
+        "overhead_before.md",
+        "git checkout eedd37f && .venv/bin/python benchmarks/overhead.py --rounds 10",
+    ),
+    ("8-bit optimizer state", "optimizer_state.md", ".venv/bin/python benchmarks/optimizer_state.py --full"),
     ("GPU check (one run on a lent GPU)", "gpu/gpu_check.md", "bash benchmarks/gpu_check.sh  # on a CUDA machine"),
 )
 # The GPU check's per-case table stays in its own file.
