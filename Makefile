@@ -49,9 +49,10 @@ $(BIN)/.bench: $(BIN)/.installed
 # Against the peers (torch.ao, transformers+bitsandbytes, torchao, optimum-quanto); needs `make full` first
 # for accuracy.py's cached FP32 models. Each writes benchmarks/results/<name>.{json,md}.
 benchmarks: $(BIN)/.bench
-	$(BIN)/python benchmarks/overhead.py
-	$(BIN)/python benchmarks/optimizer_state.py
-	$(BIN)/python benchmarks/accuracy.py
+	$(BIN)/python benchmarks/overhead.py --rounds 10
+	$(BIN)/python benchmarks/optimizer_state.py --full --train-rows 1500
+	$(BIN)/python benchmarks/accuracy.py --seeds 0 1 2
+	$(BIN)/python benchmarks/update_readme.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

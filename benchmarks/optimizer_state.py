@@ -210,6 +210,7 @@ def run_one(name: str, full: bool, train_rows: int | None, eval_rows: int | None
         "test_rows": len(data.test),
         "steps": result.global_step,
         "seed": seed,
+        "threads": torch.get_num_threads(),
         "train_seconds": seconds,
         "median_step_s": statistics.median(timer.steps),
         "median_optimizer_step_s": statistics.median(timer.optimizer_steps) if timer.optimizer_steps else None,
@@ -330,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         "seed": ran.get("seed"),
         "batch_size": recipe.finetune.batch_size,
         "lr": recipe.finetune.lr,
-        "threads": os.cpu_count(),
+        # What the children trained with (runs before this field existed: their environment).
+        "threads": ran.get("threads") or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1),
         "seconds": time.perf_counter() - start,
     }
     text = _markdown(rows, setup)

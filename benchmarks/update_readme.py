@@ -19,7 +19,7 @@ SECTIONS = (
     (
         "Accuracy against the peers",
         "accuracy.md",
-        ".venv/bin/python benchmarks/accuracy.py --seeds 0 1 2 --int8-methods minmax  # after `make full`",
+        ".venv/bin/python benchmarks/accuracy.py --seeds 0 1 2  # after `make full`; resumable",
     ),
     ("QAT training-step overhead", "overhead.md", ".venv/bin/python benchmarks/overhead.py --rounds 10"),
     (
@@ -27,7 +27,11 @@ SECTIONS = (
         "overhead_before.md",
         "git checkout eedd37f && .venv/bin/python benchmarks/overhead.py --rounds 10",
     ),
-    ("8-bit optimizer state", "optimizer_state.md", ".venv/bin/python benchmarks/optimizer_state.py --full"),
+    (
+        "8-bit optimizer state",
+        "optimizer_state.md",
+        ".venv/bin/python benchmarks/optimizer_state.py --full --train-rows 1500",
+    ),
     ("GPU check (one run on a lent GPU)", "gpu/gpu_check.md", "bash benchmarks/gpu_check.sh  # on a CUDA machine"),
 )
 # The GPU check's per-case table stays in its own file.
