@@ -271,15 +271,16 @@ def _scale_blocks_(values: torch.Tensor, per_block: torch.Tensor, blocksize: int
 
 def _scaled_weight(
     weight: torch.Tensor, blocksize: int, multiplier: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block absmax (times ``multiplier``) and the weights divided by it, not yet clamped."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Block absmax (times ``multiplier``), the weights divided by it (not yet clamped), and the
+    flat float32 weights they came from."""
     flat = weight.detach().reshape(-1).float()
     absmax = _block_absmax(flat, blocksize)
     if not torch.isfinite(absmax).all():
         raise ValueError("weight contains NaN or Inf; cannot quantize it")
     if multiplier is not None:
         absmax = absmax * multiplier.detach().float()
-    return absmax, _normalise(flat, absmax, blocksize)
+    return absmax, _normalise(flat, absmax, blocksize), flat
 
 
 def _clamp_(scaled: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -316,7 +317,7 @@ def quantize_4bit(
         >>> q.dequantize().shape
         torch.Size([8, 64])
     """
-    absmax, scaled = _scaled_weight(weight, blocksize, multiplier)
+    absmax, scaled, _ = _scaled_weight(weight, blocksize, multiplier)
     order = _lookup(quant_type, scaled.device)[2]
     codes = order.index_select(0, _code_index(_clamp_(scaled, absmax), quant_type)).to(torch.uint8)
     result = FourBitWeight(codes, absmax, weight.shape, quant_type, blocksize)
@@ -352,13 +353,13 @@ class _FakeQuant4bit(torch.autograd.Function):
         min_multiplier: float,
     ) -> torch.Tensor:
         clamped = None if multiplier is None else multiplier.clamp(min_multiplier, 1.0)
-        absmax, scaled = _scaled_weight(weight, blocksize, clamped)
+        absmax, scaled, flat = _scaled_weight(weight, blocksize, clamped)
         inside = scaled.abs() <= 1.0 if estimator != "ste" else None
         cell = None
         if clamped is None:
             # Unclipped weights need no clamp (|w / absmax| <= 1 but for rounding) when the fused
             # cell computation applies; otherwise the general path below clamps.
-            cell = _cell_of_weights(weight.detach().reshape(-1).float(), absmax, blocksize)
+            cell = _cell_of_weights(flat, absmax, blocksize)
         if cell is None:
             _clamp_(scaled, absmax)
         values = _code_values(scaled, quant_type, cell)

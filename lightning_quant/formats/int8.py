@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import weakref
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -170,6 +171,7 @@ def quantize_per_token(
     return codes.to(torch.int8), row_absmax, outlier_cols
 
 
+@cache
 def _float16_threshold(threshold: float) -> float:
     """bitsandbytes compares the float16 magnitudes to the threshold in float16."""
     return float(torch.tensor(threshold, dtype=torch.float16))
